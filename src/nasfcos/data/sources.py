@@ -23,19 +23,21 @@ def load_split(data: Any, split: str, *, seed: int = 0) -> DetectionSet | None:
     * ``coco``: ``train_path``/``val_path`` are annotation JSON files, ``*_images`` the image folders.
     * ``voc``: ``train_path``/``val_path`` are ``VOCdevkit`` roots, optionally ``ROOT:split`` (default
       ``trainval`` for train and ``test`` for val).
-    * ``synthetic``: ``train_path`` is the folder of a set made by ``nasfcos data synth`` (made here with the
-      default parameters and ``seed`` if missing); its ``val`` split is used for ``val``.
+    * ``synthetic``: ``train_path`` is the folder of a set made by ``nasfcos data synth``, read as it is; if the
+      folder has no set yet, one is made with the default parameters and ``seed``. Its ``val`` split is ``val``.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
     path = data.train_path if split == "train" else data.val_path
     images = data.train_images if split == "train" else data.val_images
     if data.format == "synthetic":
-        from nasfcos.data.synthetic import ensure_synthetic, read_synthetic
+        from nasfcos.data.coco import read_coco
+        from nasfcos.data.synthetic import ensure_synthetic
 
         root = Path(data.train_path) if data.train_path else DEFAULT_SYNTH_DIR
-        info = ensure_synthetic(root, seed=seed)
-        return read_synthetic(info, split)
+        if not (root / "manifest.json").is_file():  # an existing set is used as made, whatever its parameters
+            ensure_synthetic(root, seed=seed)
+        return read_coco(root / "annotations" / f"{split}.json", root / "images" / split, on_bad_box="error")
     if path is None:
         if split == "train":
             raise UserError(f"data.train_path: required for format {data.format!r}")

@@ -235,7 +235,8 @@ def build_detector(
     """Assemble a complete FCOS detector.
 
     Args:
-        arch: a preset name (``nasfcos.PRESETS``), a path to a genotype JSON file, or a ``Genotype``.
+        arch: a preset name (``nasfcos.PRESETS``, optionally with widths: ``"nas-fcos@128-256"``), a path to a
+            genotype JSON file, or a ``Genotype``.
         backbone: ``resnet18``, ``resnet50``, ``resnet101``, ``resnext101_32x4d`` or ``mobilenet_v2``.
         num_classes: number of object classes.
         fpn_width, head_width: decoder widths; ``None`` takes the preset's (256 for a bare genotype).
@@ -247,13 +248,13 @@ def build_detector(
         freeze_at, frozen_bn: backbone freezing as FCOS training does (stem + first stage, frozen BN).
         min_size, max_size, size_divisible: input resizing and padding done by the model.
     """
-    from nasfcos.space.presets import PRESETS, resolve_arch
+    from nasfcos.space.presets import resolve_preset
 
-    genotype = resolve_arch(arch)
-    preset = PRESETS.get(arch) if isinstance(arch, str) else None
-    fpn_width = fpn_width or (preset.fpn_width if preset else 256)
-    head_width = head_width or (preset.head_width if preset else 256)
-    concat = concat or (preset.concat if preset else "grouped")
+    preset = resolve_preset(arch)  # a bare genotype gets the defaults: 256 / 256 / grouped
+    genotype = preset.genotype.validate()
+    fpn_width = fpn_width or preset.fpn_width
+    head_width = head_width or preset.head_width
+    concat = concat or preset.concat
     if int(num_classes) < 1:
         raise UserError(f"num_classes: must be >= 1 (got {num_classes})")
     body = build_backbone(backbone, weights=pretrained, freeze_at=freeze_at, frozen_bn=frozen_bn)

@@ -29,7 +29,7 @@ from nasfcos.detection.detector import FCOSDetector, build_detector
 from nasfcos.errors import UserError
 from nasfcos.io import atomic_torch_save
 from nasfcos.train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
-from nasfcos.train.distributed import DistInfo, cleanup_distributed, init_distributed, reduce_dict, seed_everything
+from nasfcos.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, reduce_dict, seed_everything
 from nasfcos.train.engine import evaluate_model, list_collate
 from nasfcos.train.evaluate import save_detections, save_metrics
 from nasfcos.train.logging import ProgressBar, RunLogger
@@ -51,6 +51,7 @@ class TrainResult:
     weights: Path
     metrics: dict[str, float] | None
     seconds: float
+    model: nn.Module | None = None
 
 
 def model_meta(cfg: TrainConfig, train_set: DetectionSet, genotype_json: str) -> dict[str, Any]:
@@ -144,8 +145,12 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
     main_process = dist_info.rank == 0
     device = dist_info.device
     seed_everything(cfg.runtime.seed, dist_info.rank)
+    if not main_process:
+        barrier()  # rank 0 reads (and for a missing synthetic set, makes) the data first
     train_set = load_split(cfg.data, "train", seed=cfg.runtime.seed)
     val_set = load_split(cfg.data, "val", seed=cfg.runtime.seed)
+    if main_process and dist_info.is_distributed:
+        barrier()
     assert train_set is not None
     if len(train_set) == 0:
         raise UserError(f"data.train_path: {cfg.data.train_path}: the training split has no images")
@@ -304,4 +309,4 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
         if logger:
             logger.log_event("end", step=step, seconds=time.perf_counter() - start_time)
             logger.close()
-    return TrainResult(run_dir, step, weights, metrics, time.perf_counter() - start_time)
+    return TrainResult(run_dir, step, weights, metrics, time.perf_counter() - start_time, model=model)

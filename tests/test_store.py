@@ -1,0 +1,158 @@
+"""Results store: idempotent by key, durable across reopen and kill -9, ordering, failures, meta."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nasfcos.errors import UserError
+from nasfcos.search.store import STATE_KEY, CandidateResult, ResultStore
+
+
+def _result(i: int, reward: float, **fields) -> CandidateResult:
+    return CandidateResult(key=f"k{i}", genotype_json=f'{{"g": {i}}}', actions=(i, i + 1, 0), reward=reward, **fields)
+
+
+def test_add_is_idempotent_by_key(tmp_path: Path):
+    with ResultStore(tmp_path / "s.db") as store:
+        assert store.add(_result(1, -3.0)) is True
+        assert store.add(_result(2, -2.0)) is True
+        assert store.count() == 2
+        # Same key again (even with another reward): not stored, not counted; the first result stands.
+        assert store.add(_result(1, -1.0)) is False
+        assert store.count() == 2 and len(store) == 2
+        assert store.get("k1").reward == -3.0
+        assert store.rewards_in_order() == [-3.0, -2.0]
+        assert store.commit_step([_result(2, 5.0), _result(3, -4.0)]) == [False, True]
+        assert store.count() == 3
+
+
+def test_roundtrip_of_every_field_and_reopen(tmp_path: Path):
+    path = tmp_path / "runs" / "search.db"
+    full = _result(7, -2.5, loss_cls=1.0, loss_reg=1.25, loss_ctr=0.25, ap=0.125, gmacs=12.5, params=123456,
+                   wall_time_s=33.0, controller_step=4)
+    with ResultStore(path) as store:
+        store.add(full)
+        store.set_meta("counter", 17)
+        store.set_meta("note", "hello")
+    with ResultStore(path) as store:
+        got = store.get("k7")
+        assert got == full  # id and created_at are not part of equality
+        assert got.id == 1 and abs(got.created_at - time.time()) < 3600
+        assert got.actions == (7, 8, 0) and got.loss_sum == 2.5
+        assert store.get("missing") is None and "k7" in store and "missing" not in store
+        assert store.get_meta("counter") == 17 and store.get_meta("note") == "hello"
+        assert store.get_meta("absent", default="d") == "d"
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_top_k_all_and_status_filters(tmp_path: Path):
+    with ResultStore(tmp_path / "s.db") as store:
+        rewards = [-3.0, -1.0, -2.0, -1.0, -0.5]
+        for i, r in enumerate(rewards):
+            store.add(_result(i, r))
+        store.add(CandidateResult.failed("bad", "{}", (0, 0, 0), error="RuntimeError: CUDA out of memory",
+                                         penalty=-100.0))
+        store.add(_result(9, 10.0, status="pruned"))
+        top = store.top_k(3)
+        # Highest reward first; the tie (-1.0 at k1 and k3) goes to the earlier candidate.
+        assert [c.key for c in top] == ["k4", "k1", "k3"]
+        assert [c.key for c in store.top_k(1, status=None)] == ["k9"]
+        assert [c.key for c in store.all()] == ["k0", "k1", "k2", "k3", "k4", "bad", "k9"]
+        assert store.rewards_in_order() == rewards + [-100.0, 10.0]
+        assert store.rewards_in_order(status="ok") == rewards
+        assert store.count(status="ok") == 5 and store.count("failed") == 1 and store.count("pruned") == 1
+        assert len(store.top_k(100)) == 5
+
+
+def test_failed_candidates_keep_error_and_penalty(tmp_path: Path):
+    path = tmp_path / "s.db"
+    with ResultStore(path) as store:
+        store.add(CandidateResult.failed("kf", '{"g": 1}', [1, 2], error="loss is NaN at epoch 3", penalty=-50.0,
+                                         wall_time_s=1.5))
+    with ResultStore(path) as store:
+        failed = store.get("kf")
+        assert failed.status == "failed" and failed.error == "loss is NaN at epoch 3"
+        assert failed.reward == -50.0 and failed.wall_time_s == 1.5 and failed.actions == (1, 2)
+        assert store.all(status="failed") == [failed]
+
+
+def test_invalid_results_roll_back_the_whole_step(tmp_path: Path):
+    with ResultStore(tmp_path / "s.db") as store:
+        with pytest.raises(ValueError, match="finite"):
+            store.commit_step([_result(1, -1.0), _result(2, float("nan"))], state_blob=b"state")
+        with pytest.raises(ValueError, match="status"):
+            store.add(_result(3, -1.0, status="weird"))
+        assert store.count() == 0 and store.state_blob() is None
+        store.commit_step([_result(1, -1.0)], state_blob=b"\x00state", meta={"step": 1})
+        assert store.count() == 1 and store.state_blob() == b"\x00state" and store.get_meta("step") == 1
+        assert store.get_meta(STATE_KEY) == b"\x00state"
+
+
+def test_not_a_store_is_a_user_error(tmp_path: Path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(UserError, match="junk.db"):
+        ResultStore(junk)
+    with pytest.raises(UserError, match="not found"):
+        ResultStore(tmp_path / "missing.db", readonly=True)
+
+
+def test_readonly_reader_sees_writer_commits(tmp_path: Path):
+    path = tmp_path / "s.db"
+    writer = ResultStore(path)
+    writer.add(_result(1, -1.0))
+    reader = ResultStore(path, readonly=True)
+    assert reader.count() == 1
+    writer.add(_result(2, -2.0))
+    assert reader.count() == 2
+    with pytest.raises(PermissionError):
+        reader.add(_result(3, -3.0))
+    reader.close()
+    writer.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from nasfcos.search.store import CandidateResult, ResultStore
+    store = ResultStore(sys.argv[1])
+    i = 0
+    while True:
+        results = [CandidateResult(key=f"k{i}-{j}", genotype_json="{}", actions=(i, j), reward=-float(i))
+                   for j in range(3)]
+        store.commit_step(results, state_blob=str(i).encode() * 1000, meta={"committed": store.count() + 3})
+        i += 1
+        if i == 5:
+            print("ready", flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+def test_kill_9_leaves_a_consistent_store(tmp_path: Path):
+    path = tmp_path / "s.db"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert process.stdout.readline().strip() == b"ready"
+        time.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    with ResultStore(path) as store:
+        count = store.count()
+        assert count >= 15 and count % 3 == 0
+        # Results and state were committed together: the state is the one of the last committed step.
+        assert store.get_meta("committed") == count
+        last_step = count // 3 - 1
+        assert store.state_blob() == str(last_step).encode() * 1000
+        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"

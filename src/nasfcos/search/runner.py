@@ -1,0 +1,261 @@
+"""The worker side of the search: evaluate one candidate, in whatever process or machine it lands on.
+
+Every executor (same process, a process pool, Ray) ships the same picklable :class:`CandidateTask` to
+:func:`run_task` and gets back the same picklable :class:`CandidateOutcome`, so the search loop does not care
+where a candidate ran. What travels is small: the genotype as JSON, the proxy config, the *path* of the
+feature cache (workers open it memory-mapped themselves; arrays are never shipped) and the evaluator as a
+``"module:function"`` string, resolved inside the worker. The string form is what lets a Ray worker on
+another machine, or a freshly spawned process, find the function: a pickled function object would need its
+module importable *before* the task's arguments are unpickled.
+
+An evaluator is any function ``evaluator(genotype, cache, cfg, *, seed, early_stop_reference=None)``
+returning an object (or dict) with the fields of :class:`CandidateOutcome`; the default is
+:func:`nasfcos.search.proxy.evaluate_candidate`. :func:`run_task` never raises for a candidate's failure: an
+exception inside the evaluator becomes ``status="failed"`` with the error text, so one broken architecture
+(NaN, out of memory, a bug in an op) cannot stop a search of thousands. A :class:`~nasfcos.errors.UserError`
+(an unusable cache, an unknown device) is the exception: it would fail every candidate alike, so it propagates
+and stops the search with its one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nasfcos.errors import UserError
+
+__all__ = [
+    "DEFAULT_EVALUATOR",
+    "CandidateOutcome",
+    "CandidateTask",
+    "evaluator_spec",
+    "failed_outcome",
+    "outcome_from",
+    "resolve_evaluator",
+    "run_task",
+    "set_worker_threads",
+]
+
+#: The real proxy task (``nasfcos.search.proxy.evaluate_candidate``).
+DEFAULT_EVALUATOR = "nasfcos.search.proxy:evaluate_candidate"
+
+_STATUSES = ("ok", "failed", "pruned")
+
+
+@dataclass(frozen=True)
+class CandidateTask:
+    """One candidate to evaluate, as shipped to a worker.
+
+    ``index`` is the candidate's position in its batch (proposal order); ``key`` its ``Genotype.key()``;
+    ``seed`` the per-candidate seed (a function of the search seed and the key, so a genotype gets the same
+    training run whenever and wherever it is evaluated). ``python_path``: folders a worker puts on
+    ``sys.path`` before resolving ``evaluator`` (for evaluators outside installed packages, e.g. tests).
+    ``threads``: ``torch.set_num_threads`` in the worker (``None`` = leave it).
+    """
+
+    index: int
+    key: str
+    genotype_json: str
+    actions: tuple[int, ...]
+    seed: int
+    cache_path: str
+    proxy_cfg: Any
+    evaluator: str | None = DEFAULT_EVALUATOR
+    early_stop_reference: Any = None
+    python_path: tuple[str, ...] = ()
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class CandidateOutcome:
+    """What evaluating a candidate produced (the proxy's ``CandidateResult``, normalised and picklable).
+
+    ``reward`` may be ``None`` or non-finite for a failed candidate; the loop then applies its penalty.
+    ``early_stop_loss``: the early-epoch validation loss the loop folds into its early-stop reference.
+    ``history`` (per-epoch curves, if the evaluator gives them) is kept for logging only.
+    """
+
+    status: str
+    reward: float | None
+    loss_cls: float | None = None
+    loss_reg: float | None = None
+    loss_ctr: float | None = None
+    ap: float | None = None
+    gmacs: float | None = None
+    params: int | None = None
+    wall_time_s: float | None = field(default=None, compare=False)  # timing is not part of the result
+    epochs_run: int | None = None
+    error: str | None = None
+    early_stop_loss: float | None = None
+    history: Any = field(default=None, compare=False)
+
+
+def failed_outcome(error: str, wall_time_s: float | None = None) -> CandidateOutcome:
+    """A failure found outside the evaluator (a worker that died, an exception it raised)."""
+    return CandidateOutcome(status="failed", reward=None, error=error, wall_time_s=wall_time_s)
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def outcome_from(result: Any, wall_time_s: float | None = None) -> CandidateOutcome:
+    """Normalise an evaluator's return value (a dataclass such as the proxy's ``CandidateResult``, any object
+    with the same attributes, or a dict) into a :class:`CandidateOutcome`."""
+    if isinstance(result, CandidateOutcome):
+        return result
+    if isinstance(result, Mapping):
+        get = result.get
+    elif dataclasses.is_dataclass(result) or hasattr(result, "status"):
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(result, name, default)
+    else:
+        return failed_outcome(f"evaluator returned {type(result).__name__}; expected a CandidateResult", wall_time_s)
+    status = str(get("status", "ok"))
+    if status not in _STATUSES:
+        return failed_outcome(f"evaluator returned status {status!r}; expected one of {_STATUSES}", wall_time_s)
+    reward = _number(get("reward"))
+    error = get("error")
+    if status != "failed" and (reward is None or not math.isfinite(reward)):
+        status, error = "failed", error or f"evaluator returned a non-finite reward ({reward!r})"
+    params = _number(get("params"))
+    epochs = get("epochs_run")
+    wall = _number(get("wall_time_s"))
+    return CandidateOutcome(
+        status=status,
+        reward=reward,
+        loss_cls=_number(get("loss_cls")),
+        loss_reg=_number(get("loss_reg")),
+        loss_ctr=_number(get("loss_ctr")),
+        ap=_number(get("ap")),
+        gmacs=_number(get("gmacs")),
+        params=None if params is None or not math.isfinite(params) else int(params),
+        wall_time_s=wall if wall is not None else wall_time_s,
+        epochs_run=None if epochs is None else int(epochs),
+        error=None if error is None else str(error),
+        early_stop_loss=_number(get("early_stop_loss")),
+        history=get("history"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ evaluators
+
+
+def resolve_evaluator(spec: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"``; a bad spec is a :class:`UserError`."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise UserError(f"evaluator: expected 'module:function' (got {spec!r})")
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"evaluator {spec}: cannot import module {module_name!r} ({exc})") from None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise UserError(f"evaluator {spec}: module {module_name!r} has no attribute {qualname!r}")
+    if not callable(obj):
+        raise UserError(f"evaluator {spec}: {qualname!r} is not callable")
+    return obj
+
+
+def evaluator_spec(evaluator: Callable[..., Any] | str) -> str | None:
+    """The ``"module:function"`` string of an importable function (``None`` for a lambda or closure, which
+    only the in-process executor can run)."""
+    if isinstance(evaluator, str):
+        resolve_evaluator(evaluator)
+        return evaluator
+    module = getattr(evaluator, "__module__", None)
+    qualname = getattr(evaluator, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    spec = f"{module}:{qualname}"
+    try:
+        return spec if resolve_evaluator(spec) is evaluator else None
+    except UserError:
+        return None
+
+
+def module_root(spec: str) -> str | None:
+    """The ``sys.path`` folder a spec's module was imported from in this process (``None`` if unknown)."""
+    module_name = spec.partition(":")[0]
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def set_worker_threads(threads: int | None) -> None:
+    """Limit intra-op threads in a worker: environment first (read when torch/OpenMP start), torch if loaded."""
+    if threads is None:
+        return
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _add_python_path(paths: tuple[str, ...]) -> None:
+    for path in reversed(paths):
+        if path not in sys.path and os.path.isdir(path):
+            sys.path.insert(0, path)
+
+
+def _describe_exception(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames))
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return f"{text} [at {where}]" if where else text
+
+
+def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -> CandidateOutcome:
+    """Evaluate ``task`` and normalise the result; never raises for the candidate's own failure.
+
+    ``evaluator`` (a callable) overrides ``task.evaluator`` (a spec string); the in-process executor uses it
+    for functions that cannot be named by a string.
+    """
+    start = time.perf_counter()
+    try:
+        _add_python_path(task.python_path)
+        set_worker_threads(task.threads)
+        if evaluator is None:
+            if task.evaluator is None:
+                raise UserError("evaluator: none given for a task run outside the search process")
+            evaluator = resolve_evaluator(task.evaluator)
+        from nasfcos.space.genotype import Genotype
+
+        genotype = Genotype.from_json(task.genotype_json)
+        set_worker_threads(task.threads)  # again: the evaluator's import may have started torch
+        result = evaluator(
+            genotype, task.cache_path, task.proxy_cfg, seed=task.seed,
+            early_stop_reference=task.early_stop_reference,
+        )
+    except UserError:
+        raise  # the user's mistake (unusable cache, unknown device): it would fail every candidate alike
+    except Exception as exc:  # a candidate's failure is data, not a crash of the search
+        return failed_outcome(_describe_exception(exc), time.perf_counter() - start)
+    return outcome_from(result, time.perf_counter() - start)

@@ -1,0 +1,607 @@
+"""The fast proxy task: train one candidate decoder on cached features and score it (paper Sec. 3.3, 4.1).
+
+:func:`evaluate_candidate` is what the search loop calls once per sampled architecture:
+
+1. build ``Decoder(genotype, cache channels, num_classes, fpn_width=head_width=cfg.width)``; the decoder's
+   input 1x1 convs map every backbone level to the width, as the paper says (the searched FPN maps each C
+   with 1x1 + BN + ReLU, the plain FPN with its lateral 1x1);
+2. train it with Adam (lr 8e-4, batch 200) on the cached **meta-train** features and the cached FCOS targets
+   (no target assignment here), Polyak-averaging the weights after every step (decay 0.9, FACTS 5);
+3. score the **averaged** weights on meta-val after ``epochs`` (15).
+
+Reward (``reward="loss"``, the paper's): ``-(L_cls + L_reg + L_ctr)`` on meta-val. The paper sums the three
+losses over ``D_v``; we evaluate them on the whole of meta-val *as one batch* — per-batch numerators are
+added up and divided by the pooled normalisers (focal sum / (positives + images), centerness-weighted IoU sum /
+sum of weights, centerness BCE sum / positives) — so the value is the per-image average of the paper's sum up
+to the constant normalisers and does not depend on the validation batch size. ``reward="ap"`` (the paper's
+ablation 4.4.1) runs FCOS post-processing on meta-val and scores COCO AP@[.5:.95] in ``[0, 1]`` against the
+cached crop ground truth (crowd / difficult objects ignored); with no ground truth at all AP counts as 0.
+
+Early stopping of hopeless candidates (nas-segm's running-average rule, FACTS 5). After epoch
+``early_stop_epoch`` the candidate's averaged weights are validated once (``history`` keeps that loss, and
+:attr:`CandidateResult.early_stop_loss` hands it to the loop). :class:`EarlyStopReference` is a small
+serialisable record the **loop** keeps across candidates: a running mean and standard deviation of that
+epoch's meta-val loss over every candidate that reached it (a plain average over the first
+``1 / (1 - early_stop_decay)`` candidates, an exponential one after that, so it follows the population the
+controller currently samples). Once it has seen ``early_stop_min_samples`` candidates, a candidate whose loss
+exceeds ``mean + early_stop_margin x std`` (std floored at 1 % of the mean) stops: ``status="pruned"``, and the
+reward is computed from its averaged weights at that point (``-loss``, or AP), so the controller still receives
+a — bad — signal. :func:`evaluate_candidate` only reads the reference (it may run in another process); the
+loop calls ``reference.update(result)`` after each candidate.
+
+Why standard deviations rather than a ratio of the mean (e.g. "1.5x the average"): at a fixed epoch the FCOS
+loss sums of different decoders lie within a few per cent of each other (e.g. 6.1 to 6.6 in our CPU runs), so
+any ratio large enough to be safe never fires, and one small enough to fire depends on the dataset's loss
+scale. Counting standard deviations prunes a predictable tail (about 16 % of a normal population at margin 1,
+7 % at 1.5, 2 % at 2) on any dataset, and adapts as the controller's samples concentrate.
+
+Failures never raise: a non-finite loss, an out-of-memory error or any other exception while building,
+training or scoring the decoder gives ``status="failed"``, ``error="<Type>: <first line>"`` and
+``reward=cfg.failure_reward`` (``None``: the loop decides the penalty). A cache that cannot be opened or lacks
+the requested FCOS targets is the user's mistake and raises :class:`UserError` before any candidate work —
+it would fail every candidate the same way.
+
+Determinism: ``torch.manual_seed(seed + seed_offset)`` before building the decoder and a
+``torch.Generator`` with the same seed for the batch order (the global RNG state is restored afterwards), so
+the same genotype, seed and cache give the same reward on the CPU with the same number of threads (a
+different thread count changes float summation order: rewards then agree to about 1e-7 relative).
+
+Speed: with ``preload`` the cached splits are held in memory on the training device (once per process and
+cache, so consecutive candidates read the disk once); otherwise batches are read from the memory maps.
+On a shared CPU give each candidate ``threads=1``: on a loaded 2-core machine one candidate ran 20x slower
+with 2 threads (OpenMP threads spinning against other processes) than with 1. ``channels_last`` did not
+help on the CPU in our measurements, so it defaults to on for CUDA only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nasfcos.data.cache import LEVELS, FeatureCache, take_rows
+from nasfcos.detection.losses import fcos_losses
+from nasfcos.detection.points import flatten_levels
+from nasfcos.detection.targets import FCOSTargets
+from nasfcos.errors import UserError
+from nasfcos.search.polyak import PolyakAverager
+
+__all__ = [
+    "CandidateResult",
+    "EarlyStopReference",
+    "ProxyConfig",
+    "clear_resident",
+    "decoder_cost",
+    "evaluate_candidate",
+]
+
+_EPS = 1e-7  # the loss module's clamp for the regression-weight normaliser
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: got {value!r}; expected {expected}")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How one candidate is trained and scored. Defaults are the paper's proxy task (Sec. 4.1, FACTS 5).
+
+    Load presets with ``nasfcos.config.load_config(ProxyConfig, "configs/proxy-paper.yaml", overrides)``.
+    """
+
+    width: int = 64  # every decoder op has this many channels (FPN and head)
+    epochs: int = 15
+    batch_size: int = 200
+    lr: float = 8e-4  # Adam
+    weight_decay: float = 0.0
+    polyak_decay: float = 0.9
+    reward: Literal["loss", "ap"] = "loss"
+    compute_ap: bool = False  # also compute AP with reward="loss" (costs a post-processing pass)
+    fcos: Literal["vanilla", "improved"] = "vanilla"
+    concat: Literal["grouped", "dense"] = "grouped"
+    early_stop: bool = True
+    early_stop_epoch: int = 2  # validate after this epoch; prune if hopeless
+    early_stop_margin: float = 1.5  # prune when val loss > running mean + margin x running std at that epoch
+    early_stop_min_samples: int = 5  # candidates the reference must have seen before it prunes anything
+    early_stop_decay: float = 0.9  # running mean/std decay of the reference
+    failure_reward: Optional[float] = None  # reward of failed candidates; None = the loop decides
+    max_train_batches: Optional[int] = None  # cap on steps per epoch (tests, smoke runs)
+    val_batch_size: Optional[int] = None  # None = batch_size
+    val_every: int = 0  # extra validation every N epochs for the history (0 = only early-stop epoch and end)
+    grad_clip_norm: Optional[float] = None
+    seed_offset: int = 0
+    threads: Optional[int] = None  # torch.set_num_threads while evaluating; None = leave as is
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    channels_last: Optional[bool] = None  # None = on CUDA only
+    preload: bool = True  # hold the cache in memory on the device (once per process)
+    preload_max_gb: float = 16.0  # ... when both splits together are at most this big
+
+    def __post_init__(self) -> None:
+        _require(self.width >= 2 and self.width % 2 == 0, "width", self.width, "an even number >= 2")
+        _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _require(self.lr > 0, "lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _require(0.0 <= self.polyak_decay < 1.0, "polyak_decay", self.polyak_decay, "in [0, 1)")
+        _require(self.early_stop_epoch >= 1, "early_stop_epoch", self.early_stop_epoch, ">= 1")
+        _require(self.early_stop_margin >= 0, "early_stop_margin", self.early_stop_margin, ">= 0")
+        _require(self.early_stop_min_samples >= 0, "early_stop_min_samples", self.early_stop_min_samples, ">= 0")
+        _require(0.0 <= self.early_stop_decay < 1.0, "early_stop_decay", self.early_stop_decay, "in [0, 1)")
+        _require(self.failure_reward is None or math.isfinite(self.failure_reward), "failure_reward",
+                 self.failure_reward, "a finite number or null")
+        _require(self.max_train_batches is None or self.max_train_batches >= 1, "max_train_batches",
+                 self.max_train_batches, ">= 1 or null")
+        _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size", self.val_batch_size,
+                 ">= 1 or null")
+        _require(self.val_every >= 0, "val_every", self.val_every, ">= 0")
+        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm,
+                 "> 0 or null")
+        _require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or null")
+        _require(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"), "device", self.device,
+                 "auto, cpu, cuda or cuda:N")
+        _require(self.preload_max_gb >= 0, "preload_max_gb", self.preload_max_gb, ">= 0")
+
+
+@dataclass
+class CandidateResult:
+    """What evaluating one candidate produced.
+
+    ``status``: ``"ok"``, ``"failed"`` (``error`` says why; ``reward`` is ``cfg.failure_reward``) or
+    ``"pruned"`` (stopped by the early-stop rule; ``reward`` from the weights at that point). Losses are the
+    meta-val losses the reward was computed from; ``gmacs``/``params`` are the decoder's at the cached input
+    size (batch 1). ``history`` has one entry per epoch run: ``{"epoch", "train_loss", "val_loss"}`` (the
+    mean training loss over the epoch's steps; ``val_loss`` the averaged weights' meta-val loss sum where
+    validated, else ``None``). ``early_stop_loss`` is the val loss after ``early_stop_epoch`` (what
+    :meth:`EarlyStopReference.update` records).
+    """
+
+    status: str
+    reward: float | None
+    loss_cls: float | None = None
+    loss_reg: float | None = None
+    loss_ctr: float | None = None
+    ap: float | None = None
+    gmacs: float | None = None
+    params: int | None = None
+    wall_time_s: float = 0.0
+    epochs_run: int = 0
+    error: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    early_stop_loss: float | None = None
+    seed: int | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """``loss_cls + loss_reg + loss_ctr`` on meta-val, or ``None``."""
+        parts = (self.loss_cls, self.loss_reg, self.loss_ctr)
+        return None if any(p is None for p in parts) else float(sum(parts))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (for process/Ray executors and logs)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CandidateResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def store_fields(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`nasfcos.search.store.CandidateResult` (add key, genotype, actions;
+        a failed candidate's ``reward`` may be ``None``: replace it with the loop's penalty)."""
+        return {"reward": self.reward, "loss_cls": self.loss_cls, "loss_reg": self.loss_reg,
+                "loss_ctr": self.loss_ctr, "ap": self.ap, "gmacs": self.gmacs, "params": self.params,
+                "wall_time_s": self.wall_time_s, "status": self.status, "error": self.error}
+
+
+@dataclass
+class EarlyStopReference:
+    """Running statistics of candidates' meta-val loss after ``epoch`` epochs; the loop keeps and updates it.
+
+    ``mean``/``var`` are running over every candidate that reached ``epoch`` (pruned ones included, failed ones
+    not): the plain average while ``count < 1 / (1 - decay)``, then exponential with ``decay``. ``best`` is the
+    lowest such loss, ``count`` how many were seen.
+    """
+
+    epoch: int = 2
+    decay: float = 0.9
+    count: int = 0
+    mean: float | None = None
+    var: float = 0.0
+    best: float | None = None
+
+    #: The standard deviation used is at least this fraction of the mean (identical losses must not make
+    #: every slightly worse candidate "hopeless").
+    MIN_RELATIVE_STD = 0.01
+
+    @classmethod
+    def for_config(cls, cfg: ProxyConfig) -> EarlyStopReference:
+        return cls(epoch=cfg.early_stop_epoch, decay=cfg.early_stop_decay)
+
+    def update(self, value: CandidateResult | float | None) -> bool:
+        """Fold a candidate's early-epoch val loss in; returns whether anything was recorded."""
+        if isinstance(value, CandidateResult):
+            value = None if value.status == "failed" else value.early_stop_loss
+        if value is None or not math.isfinite(float(value)):
+            return False
+        value = float(value)
+        self.count += 1
+        if self.mean is None:
+            self.mean, self.var = value, 0.0
+        else:
+            alpha = max(1.0 - self.decay, 1.0 / self.count)
+            diff = value - self.mean
+            self.mean += alpha * diff
+            self.var = (1.0 - alpha) * (self.var + alpha * diff * diff)
+        self.best = value if self.best is None else min(self.best, value)
+        return True
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def threshold(self, margin: float, min_samples: int = 0) -> float | None:
+        """The loss above which a candidate is pruned, or ``None`` while the reference is not ready."""
+        if self.mean is None or self.count < max(1, min_samples):
+            return None
+        return self.mean + float(margin) * max(self.std, self.MIN_RELATIVE_STD * abs(self.mean))
+
+    def should_stop(self, loss: float, margin: float, min_samples: int = 0) -> bool:
+        limit = self.threshold(margin, min_samples)
+        return limit is not None and (not math.isfinite(loss) or loss > limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EarlyStopReference:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cost
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _build_decoder(genotype: Any, cache_like: Mapping[str, Any], width: int, fcos: str, concat: str,
+                   num_classes: int | None = None) -> nn.Module:
+    from nasfcos.nn.decoder import Decoder
+
+    channels = {k: int(v) for k, v in cache_like["channels"].items()}
+    return Decoder(genotype, channels, int(num_classes or cache_like["num_classes"]), fpn_width=width,
+                   head_width=width, fcos=fcos, concat=concat)
+
+
+def _cost(decoder: nn.Module, feature_shapes: Mapping[str, Sequence[int]]) -> tuple[int, float]:
+    from nasfcos.analysis.profile import profile
+
+    inputs = {level: torch.zeros(1, *(int(x) for x in feature_shapes[level])) for level in LEVELS}
+    stats = profile(decoder, example_inputs=(inputs,), meta=False)  # a real batch-1 pass beats the meta device on CPU
+    return int(stats["params"]), float(stats["gmacs"])
+
+
+def _manifest_of(cache_manifest: FeatureCache | Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
+    if isinstance(cache_manifest, FeatureCache):
+        return cache_manifest.manifest
+    if isinstance(cache_manifest, Mapping):
+        return cache_manifest
+    return FeatureCache.open(cache_manifest).manifest
+
+
+def decoder_cost(genotype: Any, cache_manifest: FeatureCache | Mapping[str, Any] | str | os.PathLike[str],
+                 width: int, *, fcos: str = "vanilla", concat: str = "grouped",
+                 num_classes: int | None = None) -> tuple[int, float]:
+    """``(params, GMACs)`` of the decoder alone on one image of the cached feature sizes.
+
+    ``cache_manifest`` is a :class:`FeatureCache`, its manifest dict or its folder. Counted with
+    :func:`nasfcos.analysis.profile.profile` (deformable convs included) with one batch-1 forward pass.
+    """
+    manifest = _manifest_of(cache_manifest)
+    decoder = _build_decoder(genotype, manifest, width, fcos, concat, num_classes)
+    return _cost(decoder, manifest["feature_shapes"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data on the device
+# --------------------------------------------------------------------------------------------------------------
+
+#: Splits held in memory for consecutive candidates: ``(cache fingerprint, split, mode, device) -> tensors``.
+_RESIDENT: dict[tuple[str, str, str, str], dict[str, Tensor]] = {}
+
+
+def _split_nbytes(cache: FeatureCache, name: str, mode: str) -> int:
+    split = cache.split(name)
+    suffix = cache.target_suffix(mode)
+    names = list(LEVELS) + [n + suffix for n in ("labels", "reg", "centerness")]
+    return sum(int(split.array(n).nbytes) for n in names)
+
+
+class _SplitData:
+    """Batches ``(features float32, labels int64, reg, centerness)`` of one split, resident or memory-mapped."""
+
+    def __init__(self, cache: FeatureCache, name: str, mode: str, device: torch.device, resident: bool,
+                 channels_last: bool) -> None:
+        self.split = cache.split(name)
+        self.suffix = cache.target_suffix(mode)
+        self.device = device
+        self.channels_last = channels_last
+        self.size = len(self.split)
+        self.tensors: dict[str, Tensor] | None = None
+        if resident:
+            key = (cache.fingerprint, name, mode, str(device))
+            if key not in _RESIDENT:
+                for stale in [k for k in _RESIDENT if k[0] != cache.fingerprint]:
+                    del _RESIDENT[stale]  # another cache: free its memory first
+                arrays = {level: self.split.array(level) for level in LEVELS}
+                arrays.update({n: self.split.array(n + self.suffix) for n in ("labels", "reg", "centerness")})
+                _RESIDENT[key] = {n: torch.from_numpy(np.array(a)).to(device) for n, a in arrays.items()}
+            self.tensors = _RESIDENT[key]
+
+    def batch(self, index: np.ndarray) -> tuple[dict[str, Tensor], FCOSTargets]:
+        """Features and targets of the (sorted) positions ``index``."""
+        if self.tensors is not None:
+            rows = torch.from_numpy(index).to(self.device)
+            features = {level: self.tensors[level].index_select(0, rows) for level in LEVELS}
+            labels, reg, centerness = (self.tensors[n].index_select(0, rows) for n in ("labels", "reg", "centerness"))
+        else:
+            features = {level: torch.from_numpy(take_rows(self.split.array(level), index)).to(self.device)
+                        for level in LEVELS}
+            labels, reg, centerness = (
+                torch.from_numpy(take_rows(self.split.array(n + self.suffix), index)).to(self.device)
+                for n in ("labels", "reg", "centerness"))
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        features = {k: v.to(torch.float32).contiguous(memory_format=memory_format) for k, v in features.items()}
+        empty = labels.new_empty(0)
+        targets = FCOSTargets(labels=labels.long(), boxes=empty, reg=reg.float(), centerness=centerness.float(),
+                              matched=empty)
+        return features, targets
+
+
+def _batches(size: int, batch_size: int, generator: torch.Generator | None) -> list[np.ndarray]:
+    """Sorted index batches over ``0..size-1`` (shuffled with ``generator``, else in order); a trailing batch of
+    one image joins the previous batch (BatchNorm cannot train on a single value per channel)."""
+    order = torch.randperm(size, generator=generator).numpy() if generator is not None else np.arange(size)
+    chunks = [order[i:i + batch_size] for i in range(0, size, batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        last = chunks.pop()
+        chunks[-1] = np.concatenate([chunks[-1], last])
+    return [np.sort(chunk).astype(np.int64) for chunk in chunks]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training and validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _flat(outputs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return (flatten_levels(outputs.cls_logits).float(), flatten_levels(outputs.bbox_reg).float(),
+            flatten_levels(outputs.centerness).float().squeeze(-1))
+
+
+def _validate(model: nn.Module, data: _SplitData, cache: FeatureCache, cfg: ProxyConfig, *, with_ap: bool
+              ) -> dict[str, float]:
+    """Meta-val losses (pooled over the whole split, see the module doc) and optionally AP, in eval mode."""
+    from nasfcos.detection.postprocess import postprocess
+
+    was_training = model.training
+    model.eval()
+    focal = reg_sum = weight_sum = ctr_sum = 0.0
+    num_pos = num_images = 0
+    detections: list[dict[str, Tensor]] = []
+    positions: list[int] = []
+    points = cache.points(data.device) if with_ap else None
+    crop = cache.crop
+    try:
+        with torch.no_grad():
+            for index in _batches(data.size, cfg.val_batch_size or cfg.batch_size, None):
+                features, targets = data.batch(index)
+                outputs = model(features)
+                cls, reg, ctr = _flat(outputs)
+                losses = fcos_losses(cls, reg, ctr, targets, mode=cfg.fcos)
+                positive = targets.labels >= 0
+                pos = int(positive.sum())
+                weights = float(targets.centerness[positive].sum())
+                n = int(index.size)
+                cls_norm = (pos + n) if cfg.fcos == "vanilla" else max(pos, 1)
+                focal += float(losses["loss_cls"]) * cls_norm
+                reg_sum += float(losses["loss_reg"]) * max(weights, _EPS)
+                ctr_sum += float(losses["loss_ctr"]) * max(pos, 1)
+                weight_sum += weights
+                num_pos += pos
+                num_images += n
+                if with_ap:
+                    detections += postprocess(outputs.cls_logits, outputs.bbox_reg, outputs.centerness, points,
+                                              [(crop, crop)] * n, sqrt_score=cfg.fcos == "improved")
+                    positions += index.tolist()
+    finally:
+        model.train(was_training)
+    cls_den = (num_pos + num_images) if cfg.fcos == "vanilla" else max(num_pos, 1)
+    result = {"loss_cls": focal / cls_den, "loss_reg": reg_sum / max(weight_sum, _EPS),
+              "loss_ctr": ctr_sum / max(num_pos, 1)}
+    result["loss"] = result["loss_cls"] + result["loss_reg"] + result["loss_ctr"]
+    if with_ap:
+        result["ap"] = _average_precision(cache, data, detections, positions)
+    return result
+
+
+def _average_precision(cache: FeatureCache, data: _SplitData, detections: list[dict[str, Tensor]],
+                       positions: list[int]) -> float:
+    from nasfcos.train.evaluate import coco_evaluate, detections_to_coco
+
+    results = detections_to_coco(detections, positions, cache.category_ids)
+    ap = coco_evaluate(data.split.coco_gt(), results)["AP"]
+    return max(0.0, float(ap))  # pycocotools says -1 when there is no ground truth at all
+
+
+@dataclass
+class _Progress:
+    """What is known so far, so a failure still reports cost, epochs and history."""
+
+    params: int | None = None
+    gmacs: float | None = None
+    epochs_run: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    early_stop_loss: float | None = None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(old)
+
+
+def _error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed: int, device: torch.device,
+                     reference: EarlyStopReference | None, progress: _Progress) -> CandidateResult:
+    torch.manual_seed(seed)
+    decoder = _build_decoder(genotype, cache.manifest, cfg.width, cfg.fcos, cfg.concat)
+    progress.params, progress.gmacs = _cost(decoder, cache.feature_shapes)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    decoder.to(device)
+    if channels_last:
+        decoder.to(memory_format=torch.channels_last)
+    decoder.train()
+    optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    averager = PolyakAverager(decoder, cfg.polyak_decay)
+
+    resident = cfg.preload and (_split_nbytes(cache, "train", cfg.fcos) + _split_nbytes(cache, "val", cfg.fcos)
+                                <= cfg.preload_max_gb * 1e9)
+    train = _SplitData(cache, "train", cfg.fcos, device, resident, channels_last)
+    val = _SplitData(cache, "val", cfg.fcos, device, resident, channels_last)
+    generator = torch.Generator().manual_seed(seed)
+    want_ap = cfg.reward == "ap" or cfg.compute_ap
+    expected_points = int(cache.manifest["num_points"])
+
+    def score(status: str, scores: Mapping[str, float] | None = None) -> CandidateResult:
+        if scores is None:
+            with averager.swap_in() as averaged:
+                scores = _validate(averaged, val, cache, cfg, with_ap=want_ap)
+        if not math.isfinite(scores["loss"]):
+            raise FloatingPointError(f"non-finite meta-val loss ({scores['loss']}) after epoch {progress.epochs_run}")
+        reward = float(scores["ap"]) if cfg.reward == "ap" else -float(scores["loss"])
+        return CandidateResult(status=status, reward=reward, loss_cls=scores["loss_cls"],
+                               loss_reg=scores["loss_reg"], loss_ctr=scores["loss_ctr"], ap=scores.get("ap"),
+                               gmacs=progress.gmacs, params=progress.params, epochs_run=progress.epochs_run,
+                               history=progress.history, early_stop_loss=progress.early_stop_loss, seed=seed)
+
+    for epoch in range(1, cfg.epochs + 1):
+        batches = _batches(train.size, cfg.batch_size, generator)
+        if cfg.max_train_batches is not None:
+            batches = batches[: cfg.max_train_batches]
+        total, steps = 0.0, 0
+        for step, index in enumerate(batches):
+            features, targets = train.batch(index)
+            outputs = decoder(features)
+            cls, reg, ctr = _flat(outputs)
+            if cls.shape[1] != expected_points:
+                raise RuntimeError(f"decoder outputs {cls.shape[1]} points but the cache has targets for "
+                                   f"{expected_points}")
+            losses = fcos_losses(cls, reg, ctr, targets, mode=cfg.fcos)
+            loss = losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"]
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite training loss ({value}) at epoch {epoch} step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip_norm)
+            optimizer.step()
+            averager.update()
+            total += value
+            steps += 1
+        progress.epochs_run = epoch
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(steps, 1), "val_loss": None}
+        progress.history.append(entry)
+        if epoch == cfg.epochs:
+            break
+        check = cfg.early_stop and epoch == cfg.early_stop_epoch
+        if check or (cfg.val_every and epoch % cfg.val_every == 0):
+            with averager.swap_in() as averaged:
+                scores = _validate(averaged, val, cache, cfg, with_ap=check and want_ap)
+            entry["val_loss"] = scores["loss"]
+            if check:
+                progress.early_stop_loss = scores["loss"]
+                if reference is not None and reference.should_stop(scores["loss"], cfg.early_stop_margin,
+                                                                    cfg.early_stop_min_samples):
+                    return score("pruned", scores)
+    result = score("ok")
+    progress.history[-1]["val_loss"] = result.loss
+    if cfg.early_stop and cfg.early_stop_epoch == cfg.epochs:
+        result.early_stop_loss = progress.early_stop_loss = result.loss
+    return result
+
+
+def evaluate_candidate(
+    genotype: Any,
+    cache: FeatureCache | str | os.PathLike[str],
+    cfg: ProxyConfig = ProxyConfig(),
+    *,
+    seed: int,
+    device: str | torch.device | None = None,
+    early_stop_reference: EarlyStopReference | Mapping[str, Any] | None = None,
+) -> CandidateResult:
+    """Train ``genotype``'s decoder on the cache's meta-train split and score it on meta-val (module doc).
+
+    Never raises for a candidate's failure (``status="failed"``); raises :class:`UserError` only when the
+    cache cannot be used at all (missing, corrupt, or without ``cfg.fcos`` targets) or the device is unknown.
+    """
+    start = time.perf_counter()
+    cache = FeatureCache.open(cache)
+    cache.target_suffix(cfg.fcos)  # UserError when the cache lacks these targets
+    try:
+        resolved = _resolve_device(device if device is not None else cfg.device)
+    except RuntimeError:
+        raise UserError(f"device: unknown device {device or cfg.device!r}; expected auto, cpu, cuda or cuda:N"
+                        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {str(resolved)!r} asked for but CUDA is not available")
+    reference = (EarlyStopReference.from_dict(early_stop_reference)
+                 if isinstance(early_stop_reference, Mapping) else early_stop_reference)
+    seed = int(seed) + int(cfg.seed_offset)
+    progress = _Progress()
+    cuda_devices = [resolved] if resolved.type == "cuda" else []
+    with _threads(cfg.threads), torch.random.fork_rng(devices=cuda_devices):
+        try:
+            result = _train_and_score(genotype, cache, cfg, seed, resolved, reference, progress)
+        except Exception as exc:  # noqa: BLE001 - any failure of a candidate is recorded, never raised
+            if resolved.type == "cuda":
+                torch.cuda.empty_cache()
+            result = CandidateResult(status="failed", reward=cfg.failure_reward, gmacs=progress.gmacs,
+                                     params=progress.params, epochs_run=progress.epochs_run,
+                                     error=_error_text(exc), history=progress.history,
+                                     early_stop_loss=progress.early_stop_loss, seed=seed)
+    result.wall_time_s = time.perf_counter() - start
+    return result
+
+
+def clear_resident() -> None:
+    """Free the splits held in memory by earlier candidates (e.g. before switching caches in one process)."""
+    _RESIDENT.clear()
+

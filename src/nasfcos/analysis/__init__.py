@@ -1,1 +1,1 @@
-"""nasfcos.analysis"""
+"""Profiling (params, GMACs with deformable convs counted, latency), plots, architecture drawings and reports."""

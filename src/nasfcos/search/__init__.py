@@ -1,1 +1,3 @@
-"""nasfcos.search"""
+"""The search the paper describes and never released: LSTM controller + PPO (or random search), the proxy task
+on cached features with Polyak averaging and a loss reward, a SQLite results store, inline/process/Ray
+executors and the kill-safe search loop (:func:`nasfcos.search.loop.run_search`)."""

@@ -158,12 +158,20 @@ class ProcessExecutor(Executor):
             self._pool = None
 
     def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, CandidateOutcome]]:
+        """Run ``tasks`` on the pool, yielding results as they complete.
+
+        A worker that dies breaks the whole pool, and every candidate in flight fails with it, so the culprit is
+        unknown. Nobody is charged for such a break; instead the unfinished candidates then run one at a time,
+        where a break can only be the running candidate's fault: only that one uses up a retry.
+        """
         pending = [self.prepare(task) for task in tasks]
         attempts = [0] * len(pending)
         remaining = set(range(len(pending)))
+        isolate = False
         while remaining:
             pool = self._get_pool()
-            futures: dict[Future[CandidateOutcome], int] = {pool.submit(run_task, pending[i]): i for i in remaining}
+            batch = sorted(remaining)[:1] if isolate else sorted(remaining)
+            futures: dict[Future[CandidateOutcome], int] = {pool.submit(run_task, pending[i]): i for i in batch}
             broken: str | None = None
             try:
                 not_done = set(futures)
@@ -195,7 +203,11 @@ class ProcessExecutor(Executor):
                 continue
             # A dead worker breaks the whole pool: rebuild it and resubmit what did not finish.
             self._drop_pool()
-            for i in sorted(remaining):
+            unfinished = [i for i in batch if i in remaining]
+            if len(unfinished) > 1:
+                isolate = True  # unattributable: rerun them one by one
+                continue
+            for i in unfinished:
                 attempts[i] += 1
                 if attempts[i] > self.max_retries:
                     remaining.discard(i)

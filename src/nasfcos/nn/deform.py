@@ -1,11 +1,14 @@
-"""Modulated deformable convolution (DCNv2) with torchvision's semantics.
+"""Modulated deformable convolution (DCNv2) with torchvision's semantics and a fast CPU path.
 
-``deform_conv2d`` has the signature and the semantics of ``torchvision.ops.deform_conv2d`` (offset layout,
-bilinear sampling with zeros outside the image, stride, padding, dilation, deformable groups, mask, bias).
-``ModulatedDeformConv2d`` is the search space's ``dcn3x3`` building block: a zero-initialised plain conv predicts
-the offsets and a sigmoid mask, then the deformable conv runs with its own weight and bias.
+``deform_conv2d`` has the signature and the semantics of ``torchvision.ops.deform_conv2d`` (offset layout, bilinear
+sampling with zeros outside the image, stride, padding, dilation, deformable groups, weight groups, mask, bias)
+and dispatches by device: this project's gather + GEMM path (``_deform_native``) on the CPU, where torchvision's
+kernel is ~74x slower than a plain conv, and torchvision's kernel elsewhere (CUDA). ``ModulatedDeformConv2d`` is the
+search space's ``dcn3x3`` building block. See ``docs/deform.md`` for the design and the measurements.
 
-(Provisional version: every backend currently calls torchvision's kernel; the fast CPU path follows.)
+Backend selection, strongest first: the ``backend=`` argument when it is not ``"auto"``; :func:`set_backend`;
+the environment variable ``NASFCOS_DEFORM_BACKEND``; then the device (``"native"`` on the CPU, ``"torchvision"``
+otherwise). While exporting (ONNX, ``torch.export``) or tracing, an exportable formulation is used instead.
 """
 
 from __future__ import annotations
@@ -23,14 +26,54 @@ from ._deform_native import DEFAULT_CHUNK_BYTES, DEFAULT_SAVE_BYTES, Geometry, d
 IntPair = Union[int, tuple[int, int]]
 
 BACKENDS = ("auto", "native", "torchvision")
-_ENV_VAR = "NASFCOS_DEFORM_BACKEND"
+ENV_VAR = "NASFCOS_DEFORM_BACKEND"
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
 _default_backend: str | None = None
 _chunk_bytes = DEFAULT_CHUNK_BYTES
 _save_bytes = DEFAULT_SAVE_BYTES
 
 
+def set_backend(backend: str | None) -> None:
+    """Set the process-wide backend used when a call passes ``backend="auto"``.
+
+    ``None`` or ``"auto"`` restores the default (``$NASFCOS_DEFORM_BACKEND``, else by device).
+    """
+    global _default_backend
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"deform backend must be one of {BACKENDS} (got {backend!r})")
+    _default_backend = None if backend == "auto" else backend
+
+
+def get_backend() -> str:
+    """The process-wide default: the setter's value, else ``$NASFCOS_DEFORM_BACKEND``, else ``"auto"``."""
+    if _default_backend is not None:
+        return _default_backend
+    env = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"${ENV_VAR} must be one of {BACKENDS} (got {env!r})")
+    return env
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``"native"`` or ``"torchvision"``) that a call with ``backend`` on ``device`` uses."""
+    if backend not in BACKENDS:
+        raise ValueError(f"deform backend must be one of {BACKENDS} (got {backend!r})")
+    if backend == "auto":
+        backend = get_backend()
+    if backend == "auto":
+        backend = "native" if device.type == "cpu" else "torchvision"
+    return backend
+
+
 def set_memory_budget(chunk_bytes: int | None = None, save_bytes: int | None = None) -> None:
-    """Tune the native path: bytes of sampled columns per chunk, and the most column bytes kept for backward."""
+    """Tune the native path's memory.
+
+    ``chunk_bytes``: bytes of sampled columns processed at once (the batch and image are cut into chunks of output
+    pixels of about this size; peak extra memory is a small multiple of it, per worker thread).
+    ``save_bytes``: keep the forward's columns for the backward when all of them fit in this many bytes (saves one
+    gather per chunk in the backward; 0 = always recompute, which bounds memory at any batch size).
+    """
     global _chunk_bytes, _save_bytes
     if chunk_bytes is not None:
         if chunk_bytes < 1:
@@ -42,37 +85,16 @@ def set_memory_budget(chunk_bytes: int | None = None, save_bytes: int | None = N
         _save_bytes = int(save_bytes)
 
 
-def set_backend(backend: str | None) -> None:
-    """Set the process-wide default used when ``backend="auto"`` (``None`` restores automatic selection)."""
-    global _default_backend
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"deform backend must be one of {BACKENDS} (got {backend!r})")
-    _default_backend = None if backend == "auto" else backend
-
-
-def get_backend() -> str:
-    """The process-wide default: the setter's value, else ``$NASFCOS_DEFORM_BACKEND``, else ``"auto"``."""
-    if _default_backend is not None:
-        return _default_backend
-    env = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
-    if env not in BACKENDS:
-        raise ValueError(f"${_ENV_VAR} must be one of {BACKENDS} (got {env!r})")
-    return env
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the concrete backend: an explicit choice wins, ``"auto"`` defers to the default, then the device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"deform backend must be one of {BACKENDS} (got {backend!r})")
-    if backend == "auto":
-        backend = get_backend()
-    if backend == "auto":
-        backend = "native" if device.type == "cpu" else "torchvision"
-    return backend
-
-
-def _geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
-              stride: IntPair, padding: IntPair, dilation: IntPair) -> Geometry:
+def _geometry(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+) -> Geometry:
     """Check every shape against torchvision's contract and return the call's geometry.
 
     Invalid channel / deformable-group / group combinations raise ``ValueError`` naming the numbers.
@@ -101,7 +123,8 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None
     k2 = kh * kw
     if offset.shape[1] == 0 or offset.shape[1] % (2 * k2) != 0:
         raise ValueError(
-            f"deform_conv2d: offset channels ({offset.shape[1]}) must be a positive multiple of 2*kh*kw ({2 * k2})"
+            f"deform_conv2d: offset channels ({offset.shape[1]}) must be a positive multiple of "
+            f"2*kh*kw = {2 * k2}"
         )
     dg = offset.shape[1] // (2 * k2)
     if cin % dg != 0:
@@ -112,7 +135,7 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None
     ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     wo = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"deform_conv2d: output would be empty ({ho}x{wo}) for input {h}x{w}")
+        raise ValueError(f"deform_conv2d: the output would be empty ({ho}x{wo}) for a {h}x{w} input")
     if tuple(offset.shape) != (n, 2 * dg * k2, ho, wo):
         raise ValueError(
             f"deform_conv2d: offset shape {tuple(offset.shape)} does not match (N, 2*dg*kh*kw, Hout, Wout) = "
@@ -128,6 +151,14 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None
     return Geometry(n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, dh, dw, dg, groups, ho, wo)
 
 
+def _exporting() -> bool:
+    """True while ONNX-exporting, TorchScript-tracing or compiling/exporting with dynamo."""
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    return (
+        torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or (compiling is not None and bool(compiling()))
+    )
+
+
 def deform_conv2d(
     input: Tensor,
     offset: Tensor,
@@ -141,32 +172,44 @@ def deform_conv2d(
 ) -> Tensor:
     """Modulated deformable conv with ``torchvision.ops.deform_conv2d``'s semantics, dispatched by device.
 
-    ``backend``: ``"native"`` (this project's gather + GEMM path, any device, fast on the CPU), ``"torchvision"``
-    (torchvision's kernel), ``"auto"`` (the default from :func:`set_backend` / ``$NASFCOS_DEFORM_BACKEND``, else
-    native on the CPU and torchvision elsewhere). During ONNX export or TorchScript tracing an exportable
-    formulation with the same semantics is used.
+    Args: as ``torchvision.ops.deform_conv2d`` (``offset``: [N, 2*dg*kh*kw, Hout, Wout] with (dy, dx) pairs per
+    deformable group and tap; ``mask``: [N, dg*kh*kw, Hout, Wout] or ``None`` for DCNv1), plus ``backend``:
+    ``"native"`` (this project's path: any device, fast on the CPU), ``"torchvision"`` (torchvision's kernel) or
+    ``"auto"`` (see the module docstring). Raises ``ValueError`` for inconsistent shapes.
     """
     geo = _geometry(input, offset, weight, bias, mask, stride, padding, dilation)
-    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+    if _exporting() or geo.n == 0:  # (an empty batch: plain ops give the right empty result and grads)
         return deform_conv2d_exportable(input, offset, mask, weight, bias, geo)
-    chosen = resolve_backend(backend, input.device)
-    if chosen == "torchvision":
+    if resolve_backend(backend, input.device) == "torchvision":
         import torchvision.ops
 
         return torchvision.ops.deform_conv2d(
-            input, offset, weight, bias, stride=(geo.sh, geo.sw), padding=(geo.ph, geo.pw),
-            dilation=(geo.dh, geo.dw), mask=mask,
+            input,
+            offset,
+            weight,
+            bias,
+            stride=(geo.sh, geo.sw),
+            padding=(geo.ph, geo.pw),
+            dilation=(geo.dh, geo.dw),
+            mask=mask,
         )
+    if input.dtype not in _NATIVE_DTYPES:  # half / bfloat16: compute in float32
+        dtype = input.dtype
+        as32 = [None if t is None else t.float() for t in (input, offset, mask, weight, bias)]
+        return deform_conv2d_native(*as32, geo, _chunk_bytes, _save_bytes).to(dtype)
     return deform_conv2d_native(input, offset, mask, weight, bias, geo, _chunk_bytes, _save_bytes)
 
 
 class ModulatedDeformConv2d(nn.Module):
     """DCNv2: offsets and a sigmoid mask from a zero-initialised conv, then a deformable conv with bias.
 
-    At initialisation the offsets are 0 and the mask is 0.5 everywhere, so the layer starts as half a plain conv.
+    ``offset_mask`` (a plain ``nn.Conv2d`` child, so profilers count it like any conv) predicts
+    ``deformable_groups * 3 * k * k`` channels: the first ``2 * dg * k * k`` are the offsets in torchvision's
+    layout, the last ``dg * k * k`` pass through a sigmoid to become the mask. Zero-initialised, so the layer starts
+    as a plain conv with its weights halved (offsets 0, mask 0.5).
     """
 
-    is_deformable = True  # lets the profiler recognise the layer (see ``extra_macs``)
+    is_deformable = True  # lets the profiler recognise the layer and call ``extra_macs``
 
     def __init__(
         self,
@@ -203,41 +246,37 @@ class ModulatedDeformConv2d(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv2d's default
         if self.bias is not None:
-            fan_in = self.in_channels * self.kernel_size * self.kernel_size
-            bound = 1.0 / fan_in**0.5
+            bound = 1.0 / (self.in_channels * self.kernel_size * self.kernel_size) ** 0.5
             nn.init.uniform_(self.bias, -bound, bound)
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.offset_mask(x)
-        n_off = 2 * self.deformable_groups * self.kernel_size * self.kernel_size
-        offset = out[:, :n_off]
-        mask = torch.sigmoid(out[:, n_off:])
-        return deform_conv2d(
-            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask=mask
-        )
+        n_offset = 2 * self.deformable_groups * self.kernel_size * self.kernel_size
+        offset = out[:, :n_offset]
+        mask = torch.sigmoid(out[:, n_offset:])
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask=mask)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        k = self.dilation * (self.kernel_size - 1) + 1
+        span = self.dilation * (self.kernel_size - 1) + 1
         return (
-            (height + 2 * self.padding - k) // self.stride + 1,
-            (width + 2 * self.padding - k) // self.stride + 1,
+            (height + 2 * self.padding - span) // self.stride + 1,
+            (width + 2 * self.padding - span) // self.stride + 1,
         )
 
     def extra_macs(self, input_shape: tuple[int, int, int, int]) -> int:
-        """Multiply-accumulates of the deformable part for an input of shape ``(N, C, H, W)`` (whole batch).
+        """Multiply-accumulates of the deformable part for an input of shape ``(N, C, H, W)`` (the whole batch).
 
         Counted: the main conv, ``N * Cout * Cin * k*k * Hout * Wout``, plus the sampling,
-        ``N * Cin * k*k * Hout * Wout * 5`` (4 MACs for the bilinear interpolation of each sampled value and 1 for
-        the mask multiply). The bias adds are not MACs. The offset/mask conv is a plain ``nn.Conv2d`` child and is
-        counted separately by the profiler's conv hooks.
+        ``5 * N * Cin * k*k * Hout * Wout`` (4 MACs for the bilinear interpolation of each sampled value and 1 for the
+        mask multiply). Not counted here: the bias adds (not MACs) and the offset/mask conv, a plain ``nn.Conv2d``
+        child that the profiler's conv hooks count.
         """
         n, _, h, w = input_shape
         ho, wo = self.output_size(h, w)
-        k2 = self.kernel_size * self.kernel_size
-        columns = n * self.in_channels * k2 * ho * wo
-        return columns * self.out_channels + columns * 5
+        sampled = n * self.in_channels * self.kernel_size * self.kernel_size * ho * wo
+        return sampled * self.out_channels + 5 * sampled
 
     def extra_repr(self) -> str:
         return (

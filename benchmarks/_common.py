@@ -1,0 +1,332 @@
+"""Shared plumbing of the benchmark scripts: machine record, load average, timing statistics, output files.
+
+Why one module: every figure a benchmark prints must say on which machine, with which library versions and
+thread count, and under what background load it was measured — a number without that is not reproducible
+(this project's development machine has 2 cores shared with other jobs). Each script calls
+:func:`start_record` before measuring and :func:`finish_record` after, and writes ``<name>.json`` and
+``<name>.md`` with :func:`write_outputs`.
+
+Timing convention: untimed warm-up calls first (allocator, oneDNN/cuDNN kernel selection, lazy init), then
+``repeats`` timed calls; we report the **median** (robust to a background job stealing a core for a moment)
+and the **p90** (nearest rank), never the mean alone. Timings are never asserted in tests.
+
+Scripts import this as ``import _common`` (the ``benchmarks/`` folder is on ``sys.path`` when a script runs
+as ``python benchmarks/x.py``; :func:`ensure_src_on_path` adds ``src/`` so no install is needed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def ensure_src_on_path() -> None:
+    """Make ``import nasfcos`` work from a checkout without installing it."""
+    src = str(ROOT / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+
+
+ensure_src_on_path()
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+
+def cpu_model() -> str:
+    """The ``model name`` line of ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def physical_cores() -> int | None:
+    """Distinct ``(physical id, core id)`` pairs of ``/proc/cpuinfo``; ``None`` when it cannot be read."""
+    try:
+        pairs = set()
+        physical = core = None
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                elif not line.strip():
+                    if core is not None:
+                        pairs.add((physical, core))
+                    physical = core = None
+        if core is not None:
+            pairs.add((physical, core))
+        return len(pairs) or None
+    except OSError:
+        return None
+
+
+def load_average() -> list[float] | None:
+    """``[1 min, 5 min, 15 min]`` load average (what ``uptime`` shows), or ``None`` where unsupported."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+#: Environment variables that change CPU timings; recorded when set. ``OMP_WAIT_POLICY=PASSIVE`` matters on a
+#: machine shared with other jobs: with the default (spinning) policy, torch's OpenMP threads busy-wait at every
+#: barrier for a thread the scheduler has parked, and a 2-thread run on 2 busy cores got 5-60x slower per step
+#: (measured while writing these scripts); ``run_all.sh`` sets PASSIVE unless told otherwise.
+ENV_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+            "NASFCOS_DEFORM_BACKEND", "CUDA_VISIBLE_DEVICES")
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """CPU, cores, library versions, torch threads, date — recorded next to every figure."""
+    import numpy
+    import torch
+
+    try:
+        import torchvision
+
+        tv_version = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        tv_version = None
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "torch": torch.__version__,
+        "torchvision": tv_version,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch_threads": int(threads if threads is not None else torch.get_num_threads()),
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "cuda_available": bool(torch.cuda.is_available()),
+        "env": {name: os.environ.get(name) for name in ENV_VARS if os.environ.get(name) is not None},
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda_runtime"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def machine_line(info: Mapping[str, Any], load: Mapping[str, Any] | None = None) -> str:
+    """One markdown line: ``Machine: <cpu>, N cores, torch x, torchvision y, T threads, date; load ...``."""
+    parts = [
+        f"{info.get('cpu_model')}",
+        f"{info.get('logical_cores')} logical cores",
+        f"torch {info.get('torch')}",
+        f"torchvision {info.get('torchvision')}",
+        f"{info.get('torch_threads')} torch threads",
+    ]
+    if info.get("cuda_device"):
+        parts.append(f"GPU {info['cuda_device']} (CUDA {info.get('cuda_runtime')})")
+    for name, value in (info.get("env") or {}).items():
+        if name.startswith(("OMP", "GOMP", "KMP", "MKL")):
+            parts.append(f"{name}={value}")
+    parts.append(str(info.get("date")))
+    line = "Machine: " + ", ".join(parts)
+    if load:
+        line += f"; load average (1/5/15 min) before {_fmt_load(load.get('before'))}, after {_fmt_load(load.get('after'))}"
+        if load.get("loaded"):
+            line += " — **the machine was busy with other jobs during this measurement**"
+    return line
+
+
+def _fmt_load(values: Sequence[float] | None) -> str:
+    return "n/a" if not values else "/".join(f"{v:.2f}" for v in values)
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def start_record(name: str, settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """The result dict of one run: benchmark name, settings, machine and the load average before measuring."""
+    return {
+        "benchmark": name,
+        "settings": dict(settings),
+        "machine": machine_info(threads),
+        "load": {"before": load_average(), "after": None, "loaded": None},
+        "notes": [],
+    }
+
+
+def finish_record(record: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+    """Add the load average after measuring and whether other jobs competed for the cores.
+
+    The load average counts runnable threads, this benchmark's own included: after a run of a minute or more
+    the 1-minute figure holds about ``torch_threads`` of our own. So the machine counts as ``loaded`` when the
+    1-minute load before the run, or after it minus our threads, exceeds 75 % of the logical cores (timings
+    are then pessimistic and noisy).
+    """
+    after = load_average()
+    record["load"]["after"] = after
+    cores = os.cpu_count() or 1
+    own = int(record.get("machine", {}).get("torch_threads") or 1)
+    before = record["load"]["before"]
+    readings = ([before[0]] if before else []) + ([after[0] - own] if after else [])
+    record["load"]["loaded"] = bool(readings) and max(readings) > 0.75 * cores
+    record["load"]["logical_cores"] = cores
+    record["load"]["own_threads"] = own
+    if started is not None:
+        record["wall_s"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, ``q`` in 0..100 (p90 of 10 values is the 9th smallest)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """``median, p90, min, max, n`` of a list of timings (same unit in and out)."""
+    return {
+        "median": float(statistics.median(values)),
+        "p90": percentile(values, 90),
+        "min": float(min(values)),
+        "max": float(max(values)),
+        "n": len(values),
+    }
+
+
+def time_calls(
+    fn: Callable[[], Any], *, warmup: int, repeats: int, synchronize: Callable[[], None] | None = None
+) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; seconds per call.
+
+    ``synchronize`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and before it stops, so
+    asynchronous GPU work is inside the measured interval.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    sync = synchronize or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def set_threads(threads: int | None) -> int:
+    """``torch.set_num_threads(threads)`` (``None``: leave it) and return the count in effect."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads: expected a positive integer (got {threads})")
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Compact number for a table cell (``-`` for ``None``; 3 significant-ish decimals)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        if magnitude >= 1:
+            return f"{value:.2f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers through :func:`fmt`."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(record: Mapping[str, Any], markdown: str, out_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<benchmark>.json`` and ``.md`` atomically; return both paths."""
+    from nasfcos.io import atomic_write_json, atomic_write_text
+
+    folder = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    name = record["benchmark"]
+    json_path = atomic_write_json(folder / f"{name}.json", _jsonable(record))
+    md_path = atomic_write_text(folder / f"{name}.md", markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types (tuples -> lists, non-finite floats -> None so the file stays strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the repository root when it lies inside it (JSON files stay machine-independent)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def add_common_arguments(parser: Any, *, threads: int | None = 2) -> None:
+    """``--out-dir`` and ``--threads`` (every script), ``--quick`` (tiny settings for the smoke test)."""
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR),
+                        help="folder for <name>.json and <name>.md (default: benchmarks/results)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch.set_num_threads (default: {threads})")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings (seconds; used by tests/test_benchmarks_smoke.py) — not for reporting")
+
+
+def report(markdown: str, paths: Sequence[Path]) -> None:
+    """Print the markdown and where the files went."""
+    print(markdown)
+    print()
+    for path in paths:
+        print(f"wrote {path}")

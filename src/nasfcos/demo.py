@@ -60,7 +60,7 @@ SCALES: dict[str, DemoScale] = {
     ),
     "tiny": DemoScale(
         image_size=160, num_train=320, num_val=64, backbone_iters=300, batch_size=8, cache_crop=128,
-        budget=24, search_batch=6, proxy_width=32, proxy_epochs=4, proxy_batch=32, top_k=2, full_iters=200,
+        budget=24, search_batch=6, proxy_width=16, proxy_epochs=3, proxy_batch=32, top_k=2, full_iters=150,
         fpn_width=64, latency_repeats=5,
     ),
     "small": DemoScale(
@@ -238,13 +238,17 @@ def run_demo(
         from nasfcos.search.proxy import ProxyConfig
 
         t0 = time.perf_counter()
+        # Candidates run in parallel, one thread each: small decoders scale better across processes than
+        # across threads, and PyTorch's multi-threaded dilated depthwise convs stall badly on a busy CPU.
+        parallel = threads > 1
         search_cfg = config_from_dict(SearchConfig, {
             "budget": sizes.budget, "batch_size": sizes.search_batch, "strategy": "ppo", "seed": seed,
-            "executor": "inline", "top_k": max(5, sizes.top_k), "ppo": {"lr": 3e-3, "entropy_weight": 1e-3},
+            "executor": "process" if parallel else "inline", "workers": threads if parallel else None,
+            "worker_threads": 1, "top_k": max(5, sizes.top_k), "ppo": {"lr": 3e-3, "entropy_weight": 1e-3},
         }, source="demo")
         proxy_cfg = ProxyConfig(
             width=sizes.proxy_width, epochs=sizes.proxy_epochs, batch_size=sizes.proxy_batch, lr=8e-4,
-            threads=threads, device="cpu", early_stop=True, early_stop_epoch=max(1, sizes.proxy_epochs // 2),
+            threads=1, device="cpu", early_stop=True, early_stop_epoch=max(1, sizes.proxy_epochs // 2),
         )
         resume = (search_dir / "store.sqlite").is_file()
         summary = run_search(search_dir, cache_dir, search_cfg, proxy_cfg, resume=resume)

@@ -29,6 +29,8 @@ statistics and affine values — the usual choice when the per-GPU detection bat
 
 from __future__ import annotations
 
+import abc
+
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -75,7 +77,7 @@ _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "model.", "backbone.", "body.",
 _CLASSIFIER_KEY = re.compile(r"^(fc|classifier|head|last_linear|features\.18|conv_head|bn2)\.")
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """A feature extractor returning ``{"c2", "c3", "c4", "c5"}`` at strides 4, 8, 16, 32.
 
     Subclasses keep torchvision's attribute names so that their ``state_dict`` keys are the classification
@@ -86,9 +88,9 @@ class Backbone(nn.Module):
     out_channels: dict[str, int]
     strides: dict[str, int]
 
+    @abc.abstractmethod
     def stages(self) -> list[nn.Module]:
         """Modules in order: the stem, then one module (or group) per level c2..c5; used for freezing."""
-        raise NotImplementedError
 
     def freeze(self, freeze_at: int) -> None:
         """Stop gradients for the stem (``freeze_at >= 1``) and the first ``freeze_at - 1`` stages."""

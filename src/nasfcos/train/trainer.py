@@ -220,7 +220,12 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
         raise UserError(f"solver.batch_size: {cfg.solver.batch_size} is larger than the training set ({len(train_set)} images)")
 
     logger = RunLogger(run_dir, use_tensorboard=cfg.runtime.tensorboard) if main_process else None
-    progress = ProgressBar(cfg.solver.max_iter, initial=step, desc="train") if (main_process and not quiet) else None
+    progress = (
+        # updates arrive every log_period steps; print a plain-text line about every 50 steps off a terminal
+        ProgressBar(cfg.solver.max_iter, initial=step, desc="train", text_every=max(1, 50 // max(1, cfg.runtime.log_period)))
+        if (main_process and not quiet)
+        else None
+    )
     if logger:
         logger.log_event("start", step=step, world_size=world, device=str(device), resumed=resume)
     model.train()

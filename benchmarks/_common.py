@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -146,6 +147,11 @@ def machine_line(info: Mapping[str, Any], load: Mapping[str, Any] | None = None)
     line = "Machine: " + ", ".join(parts)
     if load:
         line += f"; load average (1/5/15 min) before {_fmt_load(load.get('before'))}, after {_fmt_load(load.get('after'))}"
+        if load.get("during_mean") is not None:
+            line += (f", 1-min load during the run mean {load['during_mean']:.2f} / max {load['during_max']:.2f} "
+                     f"(this run's own {load.get('own_threads', '?')} thread(s) included)")
+        if load.get("others_estimate") is not None:
+            line += f", other jobs ~{load['others_estimate']:.1f} runnable threads"
         if load.get("loaded"):
             line += " — **the machine was busy with other jobs during this measurement**"
     return line
@@ -158,34 +164,79 @@ def _fmt_load(values: Sequence[float] | None) -> str:
 # ------------------------------------------------------------------------------------------------ records
 
 
+class LoadSampler:
+    """Reads the 1-minute load average every ``interval`` seconds on a daemon thread while a benchmark runs
+    (the readings before and after alone miss other jobs that come and go during a long run)."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="load-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            reading = load_average()
+            if reading:
+                self.samples.append(reading[0])
+
+    def start(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+        return list(self.samples)
+
+
+_SAMPLERS: dict[int, LoadSampler] = {}
+
+
 def start_record(name: str, settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
-    """The result dict of one run: benchmark name, settings, machine and the load average before measuring."""
-    return {
+    """The result dict of one run: benchmark name, settings, machine and the load average before measuring;
+    starts sampling the load until :func:`finish_record`."""
+    record = {
         "benchmark": name,
         "settings": dict(settings),
         "machine": machine_info(threads),
-        "load": {"before": load_average(), "after": None, "loaded": None},
+        "load": {"before": load_average(), "after": None, "during_mean": None, "during_max": None,
+                 "during_samples": 0, "loaded": None},
         "notes": [],
     }
+    _SAMPLERS[id(record)] = LoadSampler().start()
+    return record
 
 
 def finish_record(record: dict[str, Any], started: float | None = None) -> dict[str, Any]:
-    """Add the load average after measuring and whether other jobs competed for the cores.
+    """Add the load after (and sampled during) the measurement and whether other jobs competed for the cores.
 
-    The load average counts runnable threads, this benchmark's own included: after a run of a minute or more
-    the 1-minute figure holds about ``torch_threads`` of our own. So the machine counts as ``loaded`` when the
-    1-minute load before the run, or after it minus our threads, exceeds 75 % of the logical cores (timings
-    are then pessimistic and noisy).
+    The load average counts runnable threads, this benchmark's own included: while it computes, about
+    ``torch_threads`` of the figure are our own. ``others_estimate`` is the mean 1-minute load during the run
+    minus our threads (for a run too short to sample: the reading before it), and the machine counts as
+    ``loaded`` when that exceeds 75 % of the logical cores (timings are then pessimistic and noisy).
+    ``during_*`` are 1-minute load readings taken every 5 s.
     """
+    sampler = _SAMPLERS.pop(id(record), None)
+    samples = sampler.stop() if sampler else []
     after = load_average()
-    record["load"]["after"] = after
+    load = record["load"]
+    load["after"] = after
+    if samples:
+        load["during_mean"] = round(statistics.fmean(samples), 2)
+        load["during_max"] = round(max(samples), 2)
+    load["during_samples"] = len(samples)
     cores = os.cpu_count() or 1
     own = int(record.get("machine", {}).get("torch_threads") or 1)
-    before = record["load"]["before"]
-    readings = ([before[0]] if before else []) + ([after[0] - own] if after else [])
-    record["load"]["loaded"] = bool(readings) and max(readings) > 0.75 * cores
-    record["load"]["logical_cores"] = cores
-    record["load"]["own_threads"] = own
+    before = load["before"]
+    if samples:  # what the run saw; the reading before still holds the tail of whatever ran until then
+        others = statistics.fmean(samples) - own
+    else:  # a run of seconds: the reading before is the best guess
+        others = before[0] if before else None
+    load["others_estimate"] = None if others is None else round(max(0.0, others), 2)
+    load["loaded"] = others is not None and others > 0.75 * cores
+    load["logical_cores"] = cores
+    load["own_threads"] = own
     if started is not None:
         record["wall_s"] = round(time.perf_counter() - started, 2)
     return record

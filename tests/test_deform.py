@@ -387,3 +387,24 @@ def test_onnx_export_matches_pytorch(dynamo: bool) -> None:
     (got,) = session.run(None, {"x": x.numpy()})
     assert got.shape == expected.shape
     assert abs(got - expected).max() < 1e-4 * max(1.0, abs(expected).max())
+
+
+def test_multithreaded_cpu_path_works_under_inference_mode() -> None:
+    """Worker threads must inherit the caller's inference mode (profiling and serving run under it)."""
+    import torch
+
+    from nasfcos.nn.deform import ModulatedDeformConv2d
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        module = ModulatedDeformConv2d(32, 32).eval()
+        x = torch.randn(8, 32, 64, 64)  # ~37 MB of sampled columns: several chunks, so worker threads run
+        with torch.no_grad():
+            expected = module(x)
+        with torch.inference_mode():
+            got = module(x)
+        assert torch.allclose(got, expected, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

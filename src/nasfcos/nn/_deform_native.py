@@ -413,10 +413,12 @@ def _run(work: Callable[[int], T], jobs: int) -> list[T]:
     if _POOL is None or _POOL._max_workers < jobs:  # noqa: SLF001 - resize the private pool
         _POOL = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="nasfcos-deform")
     threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()  # thread-local too: tensors made in it need it in the worker
 
     def single_threaded(job: int) -> T:
         torch.set_num_threads(1)
-        with torch.no_grad():  # grad mode is thread-local; the caller's (forward/backward) is off
+        # grad mode is thread-local; the caller's (forward/backward) is off
+        with torch.inference_mode(inference), torch.no_grad():
             return work(job)
 
     torch.set_num_threads(1)

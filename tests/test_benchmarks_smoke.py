@@ -1,0 +1,165 @@
+"""Benchmark scripts: each CPU script's ``main()`` runs with tiny settings and writes a well-formed JSON + markdown.
+
+No timing is asserted (timings live in benchmarks/results). What is checked: the files exist, the JSON has the
+documented keys, every measured number is finite and positive, derived numbers follow from the measured ones
+(ratios, extrapolations, the FLOP convention), the machine/load record is there, and the GPU script skips
+cleanly without CUDA. The helpers' statistics are checked against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> Any:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Any:
+    """The scripts call torch.set_num_threads; give the rest of the session its thread count back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_record(record: dict[str, Any], out: Path, name: str, threads: int) -> dict[str, Any]:
+    """The files exist, the JSON on disk equals what main() returned (as JSON), and the common keys are there."""
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    assert json_path.is_file() and md_path.is_file()
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["benchmark"] == name
+    for key in ("settings", "machine", "load", "notes"):
+        assert key in data
+    machine = data["machine"]
+    for key in ("cpu_model", "logical_cores", "torch", "torchvision", "torch_threads", "date"):
+        assert machine[key] not in (None, "")
+    assert machine["torch_threads"] == threads
+    assert machine["torch"] == torch.__version__
+    assert len(data["load"]["before"]) == 3 and len(data["load"]["after"]) == 3
+    assert isinstance(data["load"]["loaded"], bool)
+    markdown = md_path.read_text(encoding="utf-8")
+    assert "Machine: " in markdown and machine["cpu_model"] in markdown
+    return data
+
+
+def test_common_statistics_hand_computed() -> None:
+    common = _load("_common")
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 9.0, 8.0, 7.0, 6.0]
+    assert common.percentile(values, 90) == 9.0  # nearest rank: ceil(0.9 * 10) = 9th smallest
+    assert common.percentile(values, 50) == 5.0
+    assert common.percentile([7.0], 90) == 7.0
+    stats = common.summarize(values)
+    assert stats == {"median": 5.5, "p90": 9.0, "min": 1.0, "max": 10.0, "n": 10}
+    calls: list[int] = []
+    times = common.time_calls(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+    table = common.markdown_table(["a", "b"], [[1, 0.5], [None, 123.4]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.5 |", "| - | 123 |"]
+
+
+def test_inference_latency_quick(tmp_path: Path) -> None:
+    module = _load("inference_latency")
+    record = module.main(["--size", "64", "--repeats", "2", "--warmup", "0", "--threads", "1", "--skip-gmacs",
+                          "--models", "torchvision-fcos,nas-fcos@128", "--out-dir", str(tmp_path)])
+    data = _check_record(record, tmp_path, "inference_latency", threads=1)
+    rows = data["results"]
+    assert {(r["model"], r["variant"]) for r in rows} == {
+        (m, v) for m in ("torchvision-fcos", "nas-fcos@128") for v in ("default", "full-nms")}
+    for row in rows:
+        for key in ("median_ms", "p90_ms", "min_ms", "ratio_to_torchvision"):
+            assert _positive(row[key]), (key, row)
+        assert row["min_ms"] <= row["median_ms"] <= row["p90_ms"]
+        assert row["repeats"] == 2
+        assert isinstance(row["boxes"], int) and 0 <= row["boxes"] <= 100
+    by = {(r["model"], r["variant"]): r for r in rows}
+    for variant in ("default", "full-nms"):
+        ours, ref = by[("nas-fcos@128", variant)], by[("torchvision-fcos", variant)]
+        assert ref["ratio_to_torchvision"] == 1.0
+        assert ours["ratio_to_torchvision"] == pytest.approx(ours["median_ms"] / ref["median_ms"])
+    # score_thresh 0 lets every candidate through: both libraries fill their 100 detections.
+    assert by[("torchvision-fcos", "full-nms")]["boxes"] == 100
+    assert by[("nas-fcos@128", "full-nms")]["boxes"] == 100
+    assert by[("torchvision-fcos", "default")]["score_thresh"] == pytest.approx(0.2)
+    assert by[("nas-fcos@128", "default")]["score_thresh"] == pytest.approx(0.05)
+
+
+def test_cached_vs_recomputed_quick(tmp_path: Path) -> None:
+    module = _load("cached_vs_recomputed")
+    record = module.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+    data = _check_record(record, tmp_path, "cached_vs_recomputed", threads=1)
+    (row,) = data["results"]
+    assert row["backbone"] == "resnet18"
+    for path in ("cached", "recomputed"):
+        for part in ("step", "data", "decoder"):
+            assert _positive(row[f"{path}_{part}_s"]), (path, part)
+        assert math.isfinite(row[f"{path}_final_loss"])
+        per_image = row[f"{path}_step_s"] / data["settings"]["batch"]
+        assert row[f"{path}_epoch_s"] == pytest.approx(per_image * 4000)
+        assert row[f"{path}_candidate_h"] == pytest.approx(per_image * 4000 * 15 / 3600)
+    assert row["speedup"] == pytest.approx(row["recomputed_step_s"] / row["cached_step_s"])
+    d = row["decoder_pooled_s"]
+    assert min(row["cached_decoder_s"], row["recomputed_decoder_s"]) <= d <= max(row["cached_decoder_s"],
+                                                                                  row["recomputed_decoder_s"])
+    assert row["speedup_pooled"] == pytest.approx((row["recomputed_data_s"] + d) / (row["cached_data_s"] + d))
+    # ResNet-18 at 64 px: C2 64 x 16 x 16, C3 128 x 8 x 8, C4 256 x 4 x 4, C5 512 x 2 x 2, float16 = 2 bytes.
+    assert row["feature_shapes"] == {"c2": [64, 16, 16], "c3": [128, 8, 8], "c4": [256, 4, 4], "c5": [512, 2, 2]}
+    assert row["cache_mb_per_image"] == pytest.approx(2 * (64 * 256 + 128 * 64 + 256 * 16 + 512 * 4) / 1e6)
+
+
+def test_proxy_throughput_quick(tmp_path: Path) -> None:
+    module = _load("proxy_throughput")
+    record = module.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+    data = _check_record(record, tmp_path, "proxy_throughput", threads=1)
+    assert data["settings"]["proxy"]["epochs"] == 2 and data["settings"]["proxy"]["width"] == 8
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert set(modes) == {"full", "one-epoch", "early-stop-kept", "early-stop-pruned"}
+    for mode in modes.values():
+        assert _positive(mode["candidate_s"]) and _positive(mode["candidates_per_hour"])
+        assert mode["candidates_per_hour"] == pytest.approx(3600 / mode["candidate_s"])
+        assert _positive(mode["train_images_per_s_end_to_end"])
+    # The forced references do what they say: every candidate pruned after epoch 1, or none.
+    assert modes["early-stop-pruned"]["pruned"] == modes["early-stop-pruned"]["candidates"]
+    assert modes["early-stop-pruned"]["epochs_run"] == 1
+    assert modes["early-stop-kept"]["pruned"] == 0 and modes["early-stop-kept"]["epochs_run"] == 2
+    assert modes["full"]["epochs_run"] == 2 and modes["one-epoch"]["epochs_run"] == 1
+    for peak in data["peak"].values():
+        assert _positive(peak["gflops"]) and _positive(peak["median_s"]) and peak["min_s"] <= peak["median_s"]
+        assert peak["gflops"] == pytest.approx(peak["gflop"] / peak["min_s"])
+        assert peak["gflops_median"] == pytest.approx(peak["gflop"] / peak["median_s"])
+    assert data["peak"]["matmul"]["gflop"] == pytest.approx(2 * 256**3 / 1e9)
+    for genotype in data["per_genotype"]:
+        assert _positive(genotype["gmacs_per_image"])
+        if genotype["train_images_per_s"] is not None:  # None only if noise made the marginal epoch <= 0
+            assert genotype["achieved_gflops"] == pytest.approx(
+                genotype["gmacs_per_image"] * 3 * 2 * genotype["train_images_per_s"])
+    summary = data["summary"]
+    if summary["achieved_gflops"] is not None:
+        assert summary["fraction_of_matmul_peak"] == pytest.approx(
+            summary["achieved_gflops"] / data["peak"]["matmul"]["gflops"])
+
+
+def test_gpu_paper_settings_skips_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _load("gpu_paper_settings")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    record = module.main(["--threads", "1", "--out-dir", str(tmp_path)])
+    data = _check_record(record, tmp_path, "gpu_paper_settings", threads=1)
+    assert data["skipped"] is True and data["reason"] == "no CUDA device"
+    assert "latency" not in data and "proxy" not in data
+    assert "skipped: no CUDA device" in (tmp_path / "gpu_paper_settings.md").read_text(encoding="utf-8")

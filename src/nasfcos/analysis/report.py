@@ -346,7 +346,7 @@ def _reward_stats(rep: _Report, search: SearchData, budget: Any, strategy: Any) 
         facts.append("- Budget: not recorded in config.yaml")
     facts.append(
         f"- Evaluated: {total} distinct candidates: {search.count('ok')} ok, {search.count('failed')} failed, "
-        f"{search.count('pruned')} pruned (stopped early)"
+        f"{search.count('pruned')} pruned (early stopping)"
     )
     quarters = quarter_means(counted)
     if quarters is not None:
@@ -361,7 +361,8 @@ def _reward_stats(rep: _Report, search: SearchData, budget: Any, strategy: Any) 
         position = next((k + 1 for k, r in enumerate(search.results) if r.key == best.key), "?")
         facts.append(f"- Best reward: {best.reward:.4f} (candidate {position} of {total}, key `{best.key[:12]}`)")
     for key, value in sorted(search.meta.items()):
-        facts.append(f"- Store meta `{key}`: {value}")
+        if "/" not in key:  # per-candidate bookkeeping (e.g. early_stop_loss/<key>) is not for the reader
+            facts.append(f"- Store meta `{key}`: {value}")
     rep.add("\n".join(facts))
 
 

@@ -381,3 +381,26 @@ def report(markdown: str, paths: Sequence[Path]) -> None:
     print()
     for path in paths:
         print(f"wrote {path}")
+
+
+def conclude(
+    record: dict[str, Any],
+    started: float,
+    markdown_of: Callable[[Mapping[str, Any]], str],
+    out_dir: str | os.PathLike[str] | None,
+    *,
+    robust: str = "",
+) -> dict[str, Any]:
+    """Finish ``record`` (load after), note a loaded machine, write ``<name>.json``/``.md`` and print them.
+
+    ``robust`` names what stays meaningful under load (e.g. "the ratios are more robust").
+    """
+    finish_record(record, started)
+    if record["load"]["loaded"]:
+        tail = f"; {robust}" if robust else ""
+        record["notes"].append(
+            f"The machine was loaded by other jobs while measuring (see load): absolute times are pessimistic and noisy{tail}."
+        )
+    markdown = markdown_of(record)
+    report(markdown, write_outputs(record, markdown, out_dir))
+    return record

@@ -296,14 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "Random weights; the backbone is frozen (eval, frozen BN, no_grad); both paths train their own decoder "
         "from the same seed; steps alternate between the paths.",
     ]
-    _common.finish_record(record, started)
-    if record["load"]["loaded"]:
-        record["notes"].append("The machine was loaded by other jobs while measuring (see load): absolute times "
-                               "are pessimistic and noisy; the ratio is more robust (steps alternate).")
-    markdown = to_markdown(record)
-    paths = _common.write_outputs(record, markdown, args.out_dir)
-    _common.report(markdown, paths)
-    return record
+    return _common.conclude(record, started, to_markdown, args.out_dir, robust='the ratio is more robust (steps alternate)')
 
 
 if __name__ == "__main__":

@@ -221,14 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resizing by itself at that size. torchvision predicts 91 COCO ids, nasfcos 80 classes.",
         "ratio = median / torchvision FCOS median of the same variant.",
     ]
-    _common.finish_record(record, started)
-    if record["load"]["loaded"]:
-        record["notes"].append("The machine was loaded by other jobs while measuring (see load): absolute times "
-                               "are pessimistic and noisy; the ratios are more robust.")
-    markdown = to_markdown(record)
-    paths = _common.write_outputs(record, markdown, args.out_dir)
-    _common.report(markdown, paths)
-    return record
+    return _common.conclude(record, started, to_markdown, args.out_dir, robust='the ratios are more robust')
 
 
 if __name__ == "__main__":

@@ -325,14 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     if not measured["early_stop_possible"]:
         record["notes"].append("early_stop_epoch >= epochs: early stopping cannot change anything, not measured.")
-    _common.finish_record(record, started)
-    if record["load"]["loaded"]:
-        record["notes"].append("The machine was loaded by other jobs while measuring (see load): absolute times "
-                               "are pessimistic and noisy.")
-    markdown = to_markdown(record)
-    paths = _common.write_outputs(record, markdown, args.out_dir)
-    _common.report(markdown, paths)
-    return record
+    return _common.conclude(record, started, to_markdown, args.out_dir, robust='')
 
 
 if __name__ == "__main__":

@@ -440,12 +440,16 @@ def plot_example_detections(
             outline = ImageDraw.Draw(image)
             for box in gt_boxes:
                 outline.rectangle(tuple(float(v) for v in box), outline=(255, 255, 255), width=1)
-        drawn = draw_detections(image, boxes, labels, scores, class_names, min_score=min_score)
-        kept = len(boxes) if scores is None else sum(1 for s in scores if s >= min_score)
+        threshold = min_score
+        if scores and not any(s >= min_score for s in scores):
+            # A weak (e.g. briefly trained) model: show its best few boxes rather than an empty panel.
+            threshold = sorted(scores, reverse=True)[min(len(scores), 3) - 1]
+        drawn = draw_detections(image, boxes, labels, scores, class_names, min_score=threshold)
+        kept = len(boxes) if scores is None else sum(1 for s in scores if s >= threshold)
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.imshow(drawn)
         gt = f"; {len(gt_boxes)} ground truth (white)" if gt_boxes else ""
-        ax.set_title(f"{caption}\n{kept} of {len(boxes)} boxes with score >= {min_score:.2f}{gt}", fontsize=9)
+        ax.set_title(f"{caption}\n{kept} of {len(boxes)} boxes with score >= {threshold:.2f}{gt}", fontsize=9)
         ax.axis("off")
     if not images_with_dets:
         ax = fig.add_subplot(1, 1, 1)

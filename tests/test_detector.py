@@ -48,10 +48,12 @@ def test_training_returns_finite_losses_and_gradients(arch: str) -> None:
     assert set(losses) == {"loss_cls", "loss_reg", "loss_ctr"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
-    head_grad = model.decoder.head.cls_logits.weight.grad if hasattr(model.decoder.head, "cls_logits") else None
     grads = [p.grad for p in model.decoder.parameters() if p.requires_grad]
     assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads)
-    assert head_grad is None or torch.isfinite(head_grad).all()
+    predictor = model.decoder.head.predictor
+    for layer in (predictor.cls_logits, predictor.bbox_pred, predictor.centerness):
+        grad = layer.weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and torch.count_nonzero(grad) > 0
 
 
 def test_frozen_stem_gets_no_gradient() -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,20 @@ def safe_torch_load(path: str | os.PathLike[str], what: str = "checkpoint") -> A
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{source}: cannot load {what} safely (weights_only=True): {first_line}") from None
+
+
+def strip_common_prefixes(state: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
+    """Drop each of ``prefixes`` while *every* key carries it (weights saved from DDP, ``torch.compile`` or a
+    wrapper model), repeatedly, so nested wrappers (``module.model.``) come off too."""
+    result = dict(state)
+    changed = True
+    while changed and result:
+        changed = False
+        for prefix in prefixes:
+            if all(key.startswith(prefix) for key in result):
+                result = {key[len(prefix):]: value for key, value in result.items()}
+                changed = True
+    return result
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

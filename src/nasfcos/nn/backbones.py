@@ -47,7 +47,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
 from nasfcos.errors import UserError
-from nasfcos.io import safe_torch_load
+from nasfcos.io import safe_torch_load, strip_common_prefixes
 
 LEVELS: tuple[str, ...] = ("c2", "c3", "c4", "c5")
 STRIDES: dict[str, int] = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
@@ -244,17 +244,6 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     )
 
 
-def _strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Remove prefixes shared by every key (``module.``, ``model.``, ...), repeatedly."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(key.startswith(prefix) for key in state):
-                state = {key[len(prefix):]: value for key, value in state.items()}
-                changed = True
-    return state
-
 
 def _backbone_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop classifier tensors and BN ``num_batches_tracked`` counters (bookkeeping, not weights)."""
@@ -312,7 +301,7 @@ def load_backbone_weights(backbone: Backbone, weights: str | Path, pretrained_fo
     """
     path = Path(weights)
     raw = safe_torch_load(path, what="backbone weights")
-    source = _backbone_tensors(_strip_wrapper_prefixes(_unwrap_state_dict(raw, path)))
+    source = _backbone_tensors(strip_common_prefixes(_unwrap_state_dict(raw, path), _WRAPPER_PREFIXES))
     target = _backbone_tensors(backbone.state_dict())
     matched, mismatches = _match_by_name(target, source)
     if mismatches and pretrained_format in ("auto", "timm"):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from nasfcos.errors import UserError
-from nasfcos.io import atomic_torch_save, safe_torch_load
+from nasfcos.io import atomic_torch_save, safe_torch_load, strip_common_prefixes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -149,18 +149,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ``module.`` / ``_orig_mod.`` prefixes when every key carries one (weights saved from a wrapper)."""
-    result = dict(state_dict)
-    changed = True
-    while changed and result:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(key.startswith(prefix) for key in result):
-                result = {key[len(prefix):]: value for key, value in result.items()}
-                changed = True
-    return result
-
 
 def _check_plain(obj: Any, where: str) -> None:
     """Fail early (a bug, not a user error) if ``obj`` holds something ``weights_only`` loading would refuse."""
@@ -219,7 +207,7 @@ def save_checkpoint(
 
 def _load_model_state(model: nn.Module, state: Mapping[str, Any], source: Path, strict: bool) -> None:
     target = unwrap_model(model)
-    state = _strip_wrapper_prefixes(state)
+    state = strip_common_prefixes(state, _WRAPPER_PREFIXES)
     own = target.state_dict()
     if strict:
         missing = sorted(set(own) - set(state))

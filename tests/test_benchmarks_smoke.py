@@ -163,3 +163,32 @@ def test_gpu_paper_settings_skips_without_cuda(tmp_path: Path, monkeypatch: pyte
     assert data["skipped"] is True and data["reason"] == "no CUDA device"
     assert "latency" not in data and "proxy" not in data
     assert "skipped: no CUDA device" in (tmp_path / "gpu_paper_settings.md").read_text(encoding="utf-8")
+
+
+def test_cpu_preset_ap_quick_then_reused(tmp_path: Path) -> None:
+    module = _load("cpu_preset_ap")
+    argv = ["--quick", "--threads", "1", "--archs", "fpn-fcos", "--data", str(tmp_path / "synth"),
+            "--runs", str(tmp_path / "runs"), "--out-dir", str(tmp_path)]
+    record = module.main(argv)
+    data = _check_record(record, tmp_path, "cpu_preset_ap", threads=1)
+    (run,) = data["runs"]
+    assert run["arch"] == "fpn-fcos" and run["reused"] is False and run["iterations"] == 3
+    for key in ("AP", "AP50", "AP75"):
+        assert 0.0 <= run[key] <= 1.0 or run[key] == -1.0  # pycocotools: -1 where a size range has no GT
+    assert _positive(run["seconds_per_step"])
+    metrics = json.loads((tmp_path / "runs" / "fpn-fcos" / "metrics.json").read_text(encoding="utf-8"))
+    assert run["AP"] == pytest.approx(metrics["AP"])
+    again = module.main(argv)  # a finished run is reused, not retrained
+    assert again["runs"][0]["reused"] is True and again["runs"][0]["AP"] == pytest.approx(run["AP"])
+    assert "| fpn-fcos |" in (tmp_path / "cpu_preset_ap.md").read_text(encoding="utf-8")
+
+
+def test_cpu_preset_seconds_per_step_from_log(tmp_path: Path) -> None:
+    module = _load("cpu_preset_ap")
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": 10, "time": 100.0, "train/loss": 1.0}, {"step": 20, "time": 120.0, "train/loss": 1.0},
+            {"step": 20, "time": 121.0, "val/AP": 0.1},  # an evaluation row: not a training interval
+            {"step": 30, "time": 150.0, "train/loss": 1.0}, {"step": 40, "time": 190.0, "train/loss": 1.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n", encoding="utf-8")
+    assert module.seconds_per_step(log) == pytest.approx(3.0)  # median of 2.0, 3.0, 4.0 s/step
+    assert module.seconds_per_step(tmp_path / "missing.jsonl") is None

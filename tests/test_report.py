@@ -65,9 +65,14 @@ def make_search_run(folder: Path, n: int = 30, seed: int = 0, trend: float = 0.0
     if log:
         with open(folder / "log.jsonl", "w") as handle:
             for step in range(n):
-                handle.write(json.dumps({"step": step, "time": 1.0 + step, "reward": results[step].reward,
-                                         "entropy": 5.0 - 0.1 * step, "baseline": -2.0 + 0.01 * step}) + "\n")
-            handle.write('{"step": 99, "entropy": ')  # a torn last line from a killed run
+                # The loop's format: one candidate/ line per candidate, one update/ line per controller update.
+                handle.write(json.dumps({"step": step + 1, "time": 1.0 + step,
+                                         "candidate/reward": results[step].reward}) + "\n")
+                if step % 5 == 4:
+                    handle.write(json.dumps({"step": step // 5 + 1, "time": 1.5 + step,
+                                             "update/entropy": 5.0 - 0.1 * step,
+                                             "update/baseline": -2.0 + 0.01 * step}) + "\n")
+            handle.write('{"step": 99, "update/entropy": ')  # a torn last line from a killed run
     return results
 
 
@@ -290,3 +295,18 @@ def test_example_detections_from_real_weights(tmp_path: Path) -> None:
     assert "Detections of **searched@64**" in text and "first 1 validation image:" in text
     assert_png(run / "figures" / "examples.png", min_size=(300, 150))
     assert "## PPO against random search" not in text
+
+
+def test_controller_panel_reads_a_real_ppo_search_log(tmp_path: Path) -> None:
+    """The loop's own log.jsonl (not a hand-written one) must feed the controller diagnostics figure."""
+    from test_search_loop import cache_dir, deterministic_evaluator, quick_cfg
+
+    from nasfcos.search.loop import run_search
+
+    run = tmp_path / "run"
+    run_search(run, cache_dir(tmp_path), quick_cfg(strategy="ppo", budget=9, batch_size=3), None,
+               evaluator=deterministic_evaluator, progress=False)
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "figures/controller.png" in text and "no two controller updates" not in text
+    assert_png(run / "figures" / "controller.png")

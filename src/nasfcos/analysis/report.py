@@ -36,10 +36,10 @@ SUMMARY_FILE = "summary.json"
 RANDOM_SIBLING = "search-random"
 DEFAULT_TOP_K = 10
 
-# log.jsonl scalars worth a panel, in order of interest (whichever are present are drawn, at most 4).
-_CONTROLLER_KEYS = (
-    "entropy", "baseline", "approx_kl", "kl", "clip_fraction", "policy_loss", "advantage", "value_loss", "lr",
-)
+# log.jsonl scalars worth a panel, in order of interest (whichever are present are drawn, at most 4). The
+# search loop logs each controller update's statistics with the ``update/`` prefix (``nasfcos.search.loop``).
+_CONTROLLER_PREFIX = "update/"
+_CONTROLLER_KEYS = ("entropy", "baseline", "approx_kl", "clip_fraction", "policy_loss", "grad_norm", "batch_reward_mean")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,19 +373,20 @@ def _controller_section(rep: _Report, search: SearchData) -> None:
     for key in _CONTROLLER_KEYS:
         xs, ys = [], []
         for index, record in enumerate(search.log):
-            value = _finite(_to_number(record.get(key)))
+            value = _finite(_to_number(record.get(_CONTROLLER_PREFIX + key)))
             if value is None:
                 continue
             step = _finite(record.get("step"))
             xs.append(step if step is not None else float(index))
             ys.append(value)
         if len(ys) >= 2:
-            series[key] = (xs, ys)
+            series[key.replace("_", " ")] = (xs, ys)
         if len(series) == 4:
             break
     rep.add("### Controller")
     if not series:
-        reason = "no log.jsonl" if not search.log else f"log.jsonl has no series of {', '.join(_CONTROLLER_KEYS[:4])}"
+        reason = "no log.jsonl" if not search.log else (
+            f"log.jsonl has no two controller updates with {', '.join(_CONTROLLER_PREFIX + k for k in _CONTROLLER_KEYS[:4])}")
         rep.add(_note(reason))
         return
     png = plot_scalar_series(series, rep.figure("controller.png"),

@@ -39,6 +39,7 @@ run benchmarks/gpu_paper_settings.py --out-dir "$OUT_DIR" "${QUICK[@]}"
 if [[ ${#QUICK[@]} -eq 0 ]]; then
     [[ -f benchmarks/table2.py ]] && run benchmarks/table2.py
     [[ -f benchmarks/deform_conv.py ]] && run benchmarks/deform_conv.py
+    run benchmarks/cpu_preset_ap.py --threads "$THREADS" --out-dir "$OUT_DIR"   # ~1 h: trains two detectors
 fi
 echo
 echo "results in $OUT_DIR"

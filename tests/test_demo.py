@@ -26,6 +26,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert "| searched-1 | searched |" in format_table(summary)
     report = (out / "report.md").read_text()
     assert "fpn-fcos" in report
+    # The baseline carries its own proxy reward: the fpn-fcos decoder through the search's proxy task.
+    baseline = summary["models"][-1]
+    assert baseline["kind"] == "baseline" and baseline["search_reward"] < 0
+    assert stages["search"]["baseline_reward"] == baseline["search_reward"]
+    assert "best reward" in messages[[m.startswith("[4/") for m in messages].index(True) + 1]
 
     again: list[str] = []
     run_demo(out, seed=0, scale="smoke", threads=1, say=again.append)

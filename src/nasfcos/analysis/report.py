@@ -327,7 +327,8 @@ def _models_section(rep: _Report, models: list[dict[str, Any]], notes: list[str]
                 "params (M)", "GMACs", "latency (ms)", "search reward"], rows),
         "AP columns are COCO AP in percent on the validation split (n/a: not measured, or no objects of that "
         "size). GMACs and latency are for backbone + decoder, without post-processing; search reward is the "
-        "proxy-task reward of a searched architecture.",
+        "proxy-task reward of a searched architecture (for a baseline, where given: the same proxy task run on "
+        "its decoder, the reference the searched ones must beat).",
     )
 
 
@@ -390,10 +391,12 @@ def _controller_section(rep: _Report, search: SearchData) -> None:
         rep.add(_note(reason))
         return
     png = plot_scalar_series(series, rep.figure("controller.png"),
-                             title="Controller diagnostics from log.jsonl")
+                             title="Controller diagnostics from log.jsonl", xlabel="controller update")
     rep.add(rep.image(png, "controller diagnostics"),
             "Entropy falling means the controller's policy is becoming more certain; the baseline is the "
-            "running reward estimate that PPO's advantages are measured against.")
+            "running reward estimate that PPO's advantages are measured against; approx KL and clip fraction "
+            "compare the updated policy with the policies that sampled the buffer (which keeps older samples "
+            "with their original log-probabilities, so a clip fraction near 1 after a few updates is expected).")
 
 
 def _to_number(value: Any) -> Any:

@@ -179,6 +179,7 @@ def test_demo_report_has_every_section_and_figure(tmp_path: Path) -> None:
         assert heading in text, heading
     # Models table: AP fractions shown in percent, -1 as n/a, every model listed.
     assert "| **searched@64** | searched | resnet18 | 64/64 | 12.3 | 25.0 | 10.0 | n/a |" in text
+    assert "| 12.30 | 8.1 | 35.0 | -1.4500 |" in text  # params, GMACs (4 significant digits), latency, reward
     assert all(m["name"] in text for m in MODELS)
     # Search facts: budget from config.yaml, status counts from the store (30 = 21 ok + 3 failed + 3 pruned...).
     assert "Budget: 40 candidates (75% done)" in text

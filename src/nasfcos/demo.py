@@ -58,11 +58,12 @@ SCALES: dict[str, DemoScale] = {
         budget=4, search_batch=2, proxy_width=8, proxy_epochs=1, proxy_batch=8, top_k=1, full_iters=2,
         fpn_width=16, latency_repeats=1,
     ),
-    # Measured on the quiet 2-core machine at 160 px: 988 s (backbone 321, search 240, train 409); 128 px images
-    # (cost ~ pixels) bring it to about 12 minutes with the same numbers of steps and candidates.
+    # Measured on the quiet 2-core machine: 160 px, 300 backbone steps, 24 candidates: 988 s (backbone 321,
+    # search 240, train 409); 128 px: 854 s (243, 259, 335). 250 backbone and 130 full-training steps leave
+    # a margin while keeping two dozen candidates.
     "tiny": DemoScale(
-        image_size=128, num_train=320, num_val=64, backbone_iters=300, batch_size=8, cache_crop=128,
-        budget=24, search_batch=6, proxy_width=16, proxy_epochs=3, proxy_batch=32, top_k=2, full_iters=150,
+        image_size=128, num_train=320, num_val=64, backbone_iters=250, batch_size=8, cache_crop=128,
+        budget=24, search_batch=6, proxy_width=16, proxy_epochs=3, proxy_batch=32, top_k=2, full_iters=130,
         fpn_width=64, latency_repeats=5,
     ),
     "small": DemoScale(
@@ -370,6 +371,6 @@ def format_table(summary: dict[str, Any]) -> str:
     for m in summary["models"]:
         lines.append(
             f"| {m['name']} | {m['kind']} | {fmt(m['AP'], '.3f')} | {fmt(m['AP50'], '.3f')} | "
-            f"{fmt(m['params_m'], '.2f')} | {fmt(m['gmacs'], '.2f')} | {fmt(m['latency_ms'], '.1f')} |"
+            f"{fmt(m['params_m'], '.2f')} | {fmt(m['gmacs'], '.4g')} | {fmt(m['latency_ms'], '.1f')} |"
         )
     return "\n".join(lines)

@@ -189,6 +189,12 @@ def _fmt(value: Any, digits: int = 2, scale: float = 1.0) -> str:
     return "n/a" if number is None else f"{number * scale:.{digits}f}"
 
 
+def _fmt_significant(value: Any, digits: int) -> str:
+    """``digits`` significant digits: small demo models (0.7109 GMACs) and paper-scale ones (173.8) alike."""
+    number = _finite(value)
+    return "n/a" if number is None else f"{number:.{digits}g}"
+
+
 def _fmt_ap(value: Any, scale: float) -> str:
     number = _finite(value)
     return "n/a" if number is None or number < 0 else f"{number * scale:.1f}"
@@ -319,7 +325,7 @@ def _models_section(rep: _Report, models: list[dict[str, Any]], notes: list[str]
             f"**{m['name']}**" if m.get("kind") == "searched" else m["name"], m.get("kind", "?"),
             m.get("backbone", "?"), widths,
             *(_fmt_ap(m.get(key), scale) for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
-            _fmt(m.get("params_m"), 2), _fmt(m.get("gmacs"), 1), _fmt(m.get("latency_ms"), 1),
+            _fmt(m.get("params_m"), 2), _fmt_significant(m.get("gmacs"), 4), _fmt(m.get("latency_ms"), 1),
             _fmt(m.get("search_reward"), 4),
         ])
     rep.add(

@@ -87,8 +87,9 @@ def train_one(arch: str, args: argparse.Namespace, data_dir: Path, threads: int)
     cfg = load_config(TrainConfig, args.config, overrides)
     finished = (run_dir / "metrics.json").is_file() and (run_dir / FINAL_WEIGHTS).is_file()
     t0 = time.perf_counter()
-    if finished:
+    if finished:  # report the settings the reused run was trained with, not this invocation's
         metrics = read_json(run_dir / "metrics.json", "metrics")
+        cfg = load_config(TrainConfig, run_dir / "config.yaml", [])
     else:
         resume = latest_checkpoint(run_dir / "checkpoints") is not None
         metrics = train(cfg, run_dir, resume=resume, quiet=False).metrics or {}

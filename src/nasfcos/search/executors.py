@@ -8,10 +8,12 @@ candidate retried, and after the retries the candidate is reported ``failed`` wi
 goes on). Executors are context managers; :meth:`Executor.close` releases the pool / the Ray instance.
 
 - :class:`InlineExecutor`: one candidate after another in this process (tests, debugging, 1-core machines).
-- :class:`ProcessExecutor`: ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start method (safe
-  with torch and threads). Each worker limits torch to ``cpu_count // workers`` threads so K workers do not
-  fight over the cores. A worker that dies (``os._exit``, OOM-killer) breaks the whole pool; the pool is
-  rebuilt and the unfinished candidates are resubmitted, at most ``max_retries`` times each.
+- :class:`ProcessExecutor`: ``workers`` supervised processes (:mod:`nasfcos.search.worker_pool`, ``spawn``
+  start method), one candidate at a time each. Each worker limits torch to ``cpu_count // workers`` threads so
+  K workers do not fight over the cores. A worker that dies (``os._exit``, a segfault, the OOM killer) — before,
+  during or between candidates, several at once — costs only the candidate it held one retry (at most
+  ``max_retries``, then it is recorded failed); workers exit by themselves when the search process dies,
+  however it dies; ``candidate_timeout_s`` bounds one candidate (its worker is killed, the candidate failed).
 - :class:`RayExecutor`: each candidate is a Ray task with the resources it needs (``num_cpus_per_task``,
   ``num_gpus_per_task`` — fractions allowed, e.g. 0.25 to pack four proxy runs on a GPU). Ray retries a task
   whose worker died (``max_retries``); a ``RayError`` that still surfaces is resubmitted ``executor_retries``
@@ -30,19 +32,18 @@ goes on). Executors are context managers; :meth:`Executor.close` releases the po
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import secrets
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from nasfcos.errors import UserError
 from nasfcos.search.runner import CandidateOutcome, CandidateTask, failed_outcome, run_task, set_worker_threads
+from nasfcos.search.worker_pool import JobResult, SupervisedPool
 
 __all__ = [
     "EXECUTORS",
@@ -116,107 +117,65 @@ class InlineExecutor(Executor):
             yield task, run_task(task, self.evaluator)
 
 
-def _init_process_worker(threads: int | None) -> None:
-    set_worker_threads(threads)
-
-
 class ProcessExecutor(Executor):
-    """A pool of ``workers`` spawned processes (kept across batches); see the module docstring."""
+    """``workers`` supervised, spawned processes (kept across batches); see the module docstring and
+    :mod:`nasfcos.search.worker_pool` for why not ``concurrent.futures``."""
 
     name = "process"
 
-    def __init__(self, workers: int = 2, threads: int | None = None, max_retries: int = 2) -> None:
+    def __init__(self, workers: int = 2, threads: int | None = None, max_retries: int = 2,
+                 candidate_timeout_s: float | None = None) -> None:
         if workers < 1:
             raise UserError(f"search.workers: must be >= 1 for the process executor (got {workers})")
         if max_retries < 0:
             raise UserError(f"executor max_retries: must be >= 0 (got {max_retries})")
+        if candidate_timeout_s is not None and not candidate_timeout_s > 0:
+            raise UserError(f"search.candidate_timeout_s: must be > 0 or null (got {candidate_timeout_s})")
         self.workers = int(workers)
         self._threads = int(threads) if threads is not None else default_threads(self.workers)
         self.max_retries = int(max_retries)
-        self._pool: ProcessPoolExecutor | None = None
+        self.candidate_timeout_s = candidate_timeout_s
+        self._pool: SupervisedPool | None = None
 
     @property
     def threads(self) -> int | None:
         return self._threads
 
     def describe(self) -> dict[str, Any]:
-        return {"executor": self.name, "workers": self.workers, "threads_per_worker": self._threads}
+        return {"executor": self.name, "workers": self.workers, "threads_per_worker": self._threads,
+                "candidate_timeout_s": self.candidate_timeout_s}
 
-    def _get_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_process_worker,
-                initargs=(self._threads,),
-            )
-        return self._pool
-
-    def _drop_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return [] if self._pool is None else self._pool.pids()
 
     def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, CandidateOutcome]]:
-        """Run ``tasks`` on the pool, yielding results as they complete.
-
-        A worker that dies breaks the whole pool, and every candidate in flight fails with it, so the culprit is
-        unknown. Nobody is charged for such a break; instead the unfinished candidates then run one at a time,
-        where a break can only be the running candidate's fault: only that one uses up a retry.
-        """
+        """Run ``tasks`` on the workers, yielding results as they complete; a candidate whose worker dies is
+        retried (only that candidate: each worker holds one), then reported failed."""
+        if self._pool is None:
+            self._pool = SupervisedPool(self.workers, set_worker_threads, (self._threads,),
+                                        job_timeout_s=self.candidate_timeout_s)
         pending = [self.prepare(task) for task in tasks]
-        attempts = [0] * len(pending)
-        remaining = set(range(len(pending)))
-        isolate = False
-        while remaining:
-            pool = self._get_pool()
-            batch = sorted(remaining)[:1] if isolate else sorted(remaining)
-            futures: dict[Future[CandidateOutcome], int] = {pool.submit(run_task, pending[i]): i for i in batch}
-            broken: str | None = None
-            try:
-                not_done = set(futures)
-                while not_done:
-                    if broken is None:
-                        done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
-                    else:  # harvest what finished before the pool broke; the rest is resubmitted
-                        done, not_done = {f for f in not_done if f.done()}, set()
-                    for future in done:
-                        i = futures[future]
-                        if future.cancelled():
-                            continue
-                        try:
-                            outcome = future.result()
-                        except BrokenProcessPool as exc:
-                            broken = f"worker process died ({exc})"
-                            continue
-                        except UserError:
-                            raise
-                        except Exception as exc:  # e.g. a task that cannot be pickled
-                            outcome = failed_outcome(f"{type(exc).__name__}: {exc}")
-                        remaining.discard(i)
-                        yield pending[i], outcome
-            except GeneratorExit:
-                for future in futures:
-                    future.cancel()
-                raise
-            if broken is None:
-                continue
-            # A dead worker breaks the whole pool: rebuild it and resubmit what did not finish.
-            self._drop_pool()
-            unfinished = [i for i in batch if i in remaining]
-            if len(unfinished) > 1:
-                isolate = True  # unattributable: rerun them one by one
-                continue
-            for i in unfinished:
-                attempts[i] += 1
-                if attempts[i] > self.max_retries:
-                    remaining.discard(i)
-                    yield pending[i], failed_outcome(f"{broken}; gave up after {self.max_retries} retries")
+        for index, result in self._pool.run(run_task, pending, max_retries=self.max_retries):
+            yield pending[index], _outcome_of(result)
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
+
+
+def _outcome_of(result: JobResult) -> CandidateOutcome:
+    """A worker-pool result as the candidate's outcome; a ``UserError`` raised in a worker stops the search."""
+    if result.kind == "ok":
+        return result.value
+    if result.kind == "error":
+        if isinstance(result.value, UserError):
+            raise UserError(str(result.value))
+        return failed_outcome(f"{type(result.value).__name__}: {result.value}")
+    if result.kind == "timeout":
+        return failed_outcome(f"candidate timed out: {result.message}")
+    return failed_outcome(result.message)
 
 
 def _reload_ray_auth_config() -> None:
@@ -245,6 +204,8 @@ class RayExecutor(Executor):
         workers: int | None = None,
         threads: int | None = None,
         executor_retries: int = 1,
+        candidate_timeout_s: float | None = None,
+        poll_s: float = 1.0,
     ) -> None:
         if num_cpus_per_task < 0 or num_gpus_per_task < 0:
             raise UserError(
@@ -260,7 +221,11 @@ class RayExecutor(Executor):
         self.max_retries = int(max_retries)
         self.executor_retries = int(executor_retries)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if candidate_timeout_s is not None and not candidate_timeout_s > 0:
+            raise UserError(f"search.candidate_timeout_s: must be > 0 or null (got {candidate_timeout_s})")
         self.workers = workers
+        self.candidate_timeout_s = candidate_timeout_s
+        self.poll_s = float(poll_s)
         self._threads = int(threads) if threads is not None else max(1, int(self.num_cpus_per_task))
         self._ray: Any = None
         self._remote: Any = None
@@ -383,27 +348,33 @@ class RayExecutor(Executor):
         ray = self._ray
         from ray.exceptions import RayError
 
-        refs: dict[Any, tuple[CandidateTask, int]] = {}
+        refs: dict[Any, tuple[CandidateTask, int, float]] = {}
         for task in tasks:
             task = self.prepare(task)
-            refs[self._remote.remote(task)] = (task, 0)
+            refs[self._remote.remote(task)] = (task, 0, time.monotonic())
         try:
             while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
+                # Never an unbounded wait: wake up to enforce the candidate deadline.
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=self._wait_timeout(refs))
                 for ref in ready:
-                    task, extra = refs.pop(ref)
+                    task, extra, _started = refs.pop(ref)
                     try:
-                        outcome = ray.get(ref)
+                        outcome = ray.get(ref, timeout=self.poll_s * 60)
                     except RayError as exc:
                         cause = getattr(exc, "cause", None)
                         if isinstance(cause, UserError):
                             raise UserError(str(cause)) from None
                         if extra < self.executor_retries:
-                            refs[self._remote.remote(task)] = (task, extra + 1)
+                            refs[self._remote.remote(task)] = (task, extra + 1, time.monotonic())
                             continue
                         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                         outcome = failed_outcome(f"{type(exc).__name__}: {first_line}")
                     yield task, outcome
+                for ref, (task, _extra, started) in list(self._overdue(refs).items()):
+                    refs.pop(ref)
+                    ray.cancel(ref, force=True)
+                    yield task, failed_outcome(f"candidate timed out: ran longer than {self.candidate_timeout_s:g} s; "
+                                               "its Ray task was cancelled")
         except GeneratorExit:
             for ref in refs:
                 try:
@@ -411,6 +382,19 @@ class RayExecutor(Executor):
                 except Exception:  # already finished or the instance is gone
                     pass
             raise
+
+    def _wait_timeout(self, refs: dict[Any, tuple[CandidateTask, int, float]]) -> float:
+        if self.candidate_timeout_s is None:
+            return self.poll_s * 10
+        now = time.monotonic()
+        first_deadline = min(started + self.candidate_timeout_s for _, _, started in refs.values())
+        return max(0.0, min(self.poll_s * 10, first_deadline - now))
+
+    def _overdue(self, refs: dict[Any, tuple[CandidateTask, int, float]]) -> dict[Any, tuple[CandidateTask, int, float]]:
+        if self.candidate_timeout_s is None:
+            return {}
+        now = time.monotonic()
+        return {ref: entry for ref, entry in refs.items() if now - entry[2] > self.candidate_timeout_s}
 
 
 def build_executor(
@@ -424,6 +408,7 @@ def build_executor(
     ray_num_gpus_per_task: float = 0.0,
     max_retries: int = 2,
     run_dir: str | os.PathLike[str] | None = None,
+    candidate_timeout_s: float | None = None,
 ) -> Executor:
     """An executor by name (``inline``, ``process``, ``ray``); unknown names are a :class:`UserError`.
 
@@ -432,10 +417,12 @@ def build_executor(
     if name == "inline":
         return InlineExecutor(evaluator)
     if name == "process":
-        return ProcessExecutor(workers=workers or os.cpu_count() or 1, threads=threads, max_retries=max_retries)
+        return ProcessExecutor(workers=workers or os.cpu_count() or 1, threads=threads, max_retries=max_retries,
+                               candidate_timeout_s=candidate_timeout_s)
     if name == "ray":
         return RayExecutor(
             address=ray_address, num_cpus_per_task=ray_num_cpus_per_task, num_gpus_per_task=ray_num_gpus_per_task,
             max_retries=max_retries, run_dir=run_dir, workers=workers, threads=threads,
+            candidate_timeout_s=candidate_timeout_s,
         )
     raise UserError(f"search.executor: unknown executor (got {name!r}); expected one of {', '.join(EXECUTORS)}")

@@ -82,19 +82,38 @@ def _guess_format(path: Path) -> str:
 
 
 def load_training_set(data: str, fmt: str | None, images: str | None) -> Any:
-    """The training split described on the command line, read with the same rules as training."""
-    from nasfcos.config import DataConfig
-    from nasfcos.data.sources import load_split
+    """The training split described on the command line, read with the same rules as training.
 
-    path = Path(data.split(":")[0]) if not Path(data).exists() else Path(data)
+    Every path is checked first (one-line errors naming ``--data``/``--images``); nothing is created here.
+    """
+    from nasfcos.config import DataConfig
+    from nasfcos.data.sources import check_data_paths, load_split
+
+    path = Path(data) if Path(data).exists() else Path(data.split(":")[0])
     if not path.exists():
-        raise UserError(f"--data: {path}: not found")
+        raise UserError(f"--data: {path}: not found; expected a COCO JSON file, a VOCdevkit folder or a synthetic set")
     fmt = fmt or _guess_format(path)
     config = DataConfig(format=fmt, train_path=data, train_images=images)  # type: ignore[arg-type]
-    dataset = load_split(config, "train")
+    labels = {"train_path": "--data", "train_images": "--images"}
+    check_data_paths(config, labels)
+    dataset = load_split(config, "train", labels=labels)
     if dataset is None or len(dataset) == 0:
         raise UserError(f"--data: {data}: no images found")
     return dataset
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """``--out`` and the weights files, checked before the data set is read or any folder is made."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out}: is a file; expected a cache folder")
+    for flag, value in (("--weights", args.weights), ("--detector-weights", args.detector_weights)):
+        if value is None:
+            continue
+        if Path(value).is_dir():
+            raise UserError(f"{flag}: {value}: is a folder; expected a weights file")
+        if not Path(value).is_file():
+            raise UserError(f"{flag}: {value}: weights file not found")
 
 
 def _megabytes(nbytes: int) -> str:
@@ -104,6 +123,7 @@ def _megabytes(nbytes: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from nasfcos.data.cache import build_cache
 
+    check_outputs(args)
     dataset = load_training_set(args.data, args.format, args.images)
     cache = build_cache(
         dataset, args.out, backbone=args.backbone, weights=args.weights, detector_weights=args.detector_weights,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from nasfcos.errors import UserError
 
@@ -31,39 +32,66 @@ def guess_format(path: Path) -> str:
     return "voc"
 
 
-def load_eval_set(data: str, fmt: str | None, images: str | None, split: str):
-    """The data set to evaluate on, read with the same rules as training."""
-    from nasfcos.config import DataConfig
-    from nasfcos.data.sources import load_split
+def require_checkpoint(path: str) -> Path:
+    """``--checkpoint`` as a path to an existing file (checked before torch loads anything)."""
+    checkpoint = Path(path)
+    if checkpoint.is_dir():
+        raise UserError(f"--checkpoint: {checkpoint}: is a folder; expected model_final.pt or a checkpoint file")
+    if not checkpoint.is_file():
+        raise UserError(f"--checkpoint: {checkpoint}: not found; expected model_final.pt or a checkpoint file")
+    return checkpoint
 
-    path = Path(data.split(":")[0])
+
+def require_out_folder(path: Path) -> Path:
+    """``--out`` may be missing (it is created when the first file is written) but not a file."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out: {path}: is a file; expected a folder")
+    return path
+
+
+def eval_data_config(data: str, fmt: str | None, images: str | None, split: str) -> tuple[Any, str]:
+    """``(DataConfig, split to read)`` for ``--data``/``--format``/``--images``/``--split``, paths checked."""
+    from nasfcos.config import DataConfig
+    from nasfcos.data.sources import check_data_paths
+
+    path = Path(data) if Path(data).exists() else Path(data.split(":")[0])
     if not path.exists():
-        raise UserError(f"{path}: data not found")
+        raise UserError(f"--data: {path}: not found; expected a COCO JSON file, a VOCdevkit folder or a synthetic set")
     fmt = fmt or guess_format(path)
     if fmt == "synthetic":
-        cfg = DataConfig(format="synthetic", train_path=str(path))
-        return load_split(cfg, split)
-    cfg = DataConfig(format=fmt, train_path=data, train_images=images)
-    return load_split(cfg, "train")
+        cfg, read = DataConfig(format="synthetic", train_path=str(path)), split
+    else:
+        cfg, read = DataConfig(format=fmt, train_path=data, train_images=images), "train"
+    check_data_paths(cfg, {"train_path": "--data", "train_images": "--images"})
+    return cfg, read
+
+
+def load_eval_set(data: str, fmt: str | None, images: str | None, split: str):
+    """The data set to evaluate on, read with the same rules as training."""
+    from nasfcos.data.sources import load_split
+
+    cfg, read = eval_data_config(data, fmt, images, split)
+    return load_split(cfg, read, labels={"train_path": "--data", "train_images": "--images"})
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from nasfcos.train.engine import evaluate_model
-    from nasfcos.train.evaluate import save_detections, save_metrics
+    from nasfcos.data.coco_eval import save_detections, save_metrics
     from nasfcos.train.trainer import load_trained_model
 
+    require_checkpoint(args.checkpoint)
+    out = require_out_folder(Path(args.out) if args.out else Path(args.checkpoint).parent)
+    dataset = load_eval_set(args.data, args.format, args.images, args.split)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_trained_model(args.checkpoint)
-    dataset = load_eval_set(args.data, args.format, args.images, args.split)
     if len(dataset.class_names) != meta["num_classes"]:
         raise UserError(
             f"{args.data}: has {len(dataset.class_names)} classes but the model was trained for {meta['num_classes']}"
         )
     metrics, detections = evaluate_model(model, dataset, batch_size=args.batch_size)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
     save_detections(out / "detections.json", detections)
     save_metrics(out / "metrics.json", metrics)
     print("| AP | AP50 | AP75 | APs | APm | APl |\n|---|---|---|---|---|---|")

@@ -31,7 +31,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
         elif path.is_file():
             paths.append(path)
         else:
-            raise UserError(f"{path}: image file or folder not found")
+            raise UserError(f"images: {path}: image file or folder not found")
     if not paths:
         raise UserError(f"{', '.join(inputs)}: no images found")
     return paths
@@ -43,18 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor
 
     from nasfcos.analysis.draw import draw_detections
+    from nasfcos.commands.eval import require_checkpoint, require_out_folder
     from nasfcos.io import atomic_write_bytes
-    from nasfcos.train.evaluate import detections_to_coco, save_detections
+    from nasfcos.data.coco_eval import detections_to_coco, save_detections
     from nasfcos.train.trainer import load_trained_model
 
+    require_checkpoint(args.checkpoint)
+    out = require_out_folder(Path(args.out))
+    images = collect_images(args.images)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_trained_model(args.checkpoint)
     model.eval()
-    out = Path(args.out)
     results = []
     index_entries = []
-    for image_id, path in enumerate(collect_images(args.images), start=1):
+    for image_id, path in enumerate(images, start=1):
         try:
             with Image.open(path) as handle:
                 image = handle.convert("RGB")

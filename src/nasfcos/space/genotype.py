@@ -535,15 +535,18 @@ class Genotype:
             return cls.from_released(data)
         return cls.from_dict(data, num_levels=num_levels)
 
-    def to_released(self) -> list:
-        """The authors' integer list ``[cell, ..., share_index, head_ops]`` (see :mod:`nasfcos.space.released`)."""
+    def to_released(self, nested: bool = False) -> list:
+        """The authors' integer list ``[cell, ..., share_index, head_ops]`` (see :mod:`nasfcos.space.released`).
+
+        ``nested=True`` writes their configs' spelling: each cell and the share index in a one-element list.
+        """
         from nasfcos.space.released import genotype_to_released
 
-        return genotype_to_released(self)
+        return genotype_to_released(self, nested=nested)
 
     @classmethod
     def from_released(cls, data: object) -> Genotype:
-        """Parse and validate the authors' integer list (see :mod:`nasfcos.space.released`)."""
+        """Parse and validate the authors' integer list, flat or nested (see :mod:`nasfcos.space.released`)."""
         from nasfcos.space.released import genotype_from_released
 
         return genotype_from_released(data)

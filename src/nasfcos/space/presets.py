@@ -110,8 +110,14 @@ def load_genotype_file(path: str | Path) -> Genotype:
         raise UserError(f"{source}: {exc.message}") from None
 
 
+def is_inline_genotype(arch: str) -> bool:
+    """Whether an ``arch`` string is a genotype written inline (JSON object or integer list), not a name/path."""
+    return arch.lstrip().startswith(("[", "{"))
+
+
 def resolve_arch(arch: str | Path | Genotype | Preset) -> Genotype:
-    """A validated genotype from a preset name, a genotype JSON path, a :class:`Preset` or a :class:`Genotype`."""
+    """A validated genotype from a preset name, a genotype JSON path or inline JSON, a :class:`Preset` or a
+    :class:`Genotype`."""
     if isinstance(arch, Genotype):
         return arch.validate()
     if isinstance(arch, Preset):
@@ -119,6 +125,11 @@ def resolve_arch(arch: str | Path | Genotype | Preset) -> Genotype:
     if isinstance(arch, Path):
         return load_genotype_file(arch)
     if isinstance(arch, str):
+        if is_inline_genotype(arch):  # a pasted literal, e.g. the authors' nested integer list
+            try:
+                return Genotype.from_json(arch)
+            except UserError as exc:
+                raise UserError(f"arch (inline genotype): {exc.message}") from None
         if arch in PRESETS or (_WIDTH_SUFFIX.match(arch) and arch.split("@", 1)[0] in PRESETS):
             return get_preset(arch).genotype
         if Path(arch).is_file():
@@ -135,7 +146,7 @@ def resolve_preset(arch: str | Path | Genotype | Preset) -> Preset:
     """Like :func:`resolve_arch` but keeps a preset's widths and concat; other inputs get the defaults."""
     if isinstance(arch, Preset):
         return arch
-    if isinstance(arch, str) and not Path(arch).is_file():
+    if isinstance(arch, str) and not is_inline_genotype(arch) and not Path(arch).is_file():
         try:
             return get_preset(arch)
         except UserError:

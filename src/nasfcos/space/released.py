@@ -8,6 +8,14 @@ the head ops as indices into :data:`~nasfcos.space.ops.HEAD_OPS`. We store that 
     [[3, 3, 4, 4, 1], [3, 3, 4, 4, 1], ..., [7, 2, 4, 4, 1], 0, [5, 1, 5, 0, 4, 4]]
      ^ FPN cells (any number, in order)                      ^ share  ^ head ops
 
+The authors' configs (the ``CONFIG:`` key of their search-model YAML files) spell the same list *nested*: every
+FPN cell wrapped in a one-element list and the share index a one-element list::
+
+    [[[3, 3, 4, 4, 1]], [[3, 3, 4, 4, 1]], ..., [[7, 2, 4, 4, 1]], [0], [5, 1, 5, 0, 4, 4]]
+
+That is the form users paste, so both spellings are read everywhere a genotype is read (each cell and the
+share index may be wrapped; nothing else may be), and ``genotype_to_released(g, nested=True)`` writes it.
+
 Only a searched FPN with a :class:`~nasfcos.space.genotype.SequentialHead` whose share index is the same on
 every level has this form (the paper's cell head and per-level sharing were never released).
 """
@@ -36,8 +44,10 @@ RELEASED_HEAD_OPS: tuple[int, ...] = (5, 1, 5, 0, 4, 4)
 _CELL_FIELDS = ("id1", "id2", "op1", "op2", "agg")
 
 
-def released_literal() -> list[Any]:
-    """A fresh copy of the released genotype in the flat list layout above."""
+def released_literal(nested: bool = False) -> list[Any]:
+    """A fresh copy of the released genotype in the flat list layout above (``nested``: the authors' spelling)."""
+    if nested:
+        return [[list(cell)] for cell in RELEASED_FPN_CELLS] + [[RELEASED_SHARE_INDEX], list(RELEASED_HEAD_OPS)]
     return [list(cell) for cell in RELEASED_FPN_CELLS] + [RELEASED_SHARE_INDEX, list(RELEASED_HEAD_OPS)]
 
 
@@ -50,9 +60,22 @@ def _table_index(value: object, where: str, table: tuple[str, ...], what: str) -
     return table[value]  # type: ignore[index]
 
 
+def _unwrap_one(value: object) -> tuple[object, bool]:
+    """``[x]`` (a one-element list, as the authors' configs wrap cells and the share index) -> ``(x, True)``."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return value[0], True
+    return value, False
+
+
 def _cell_from_released(value: object, t: int, where: str) -> FPNCell:
+    inner, wrapped = _unwrap_one(value)
+    if wrapped and isinstance(inner, (list, tuple)):
+        value, where = inner, f"{where}[0]"
     if not isinstance(value, (list, tuple)) or len(value) != 5:
-        raise UserError(f"{where}: expected an FPN cell [id1, id2, op1, op2, agg] of 5 integers (got {value!r})")
+        raise UserError(
+            f"{where}: expected an FPN cell [id1, id2, op1, op2, agg] of 5 integers, or one such cell in a list "
+            f"as the authors' configs write it (got {value!r:.80})"
+        )
     pool = fpn_pool_size(t)
     for position in (0, 1):
         index = value[position]
@@ -71,12 +94,13 @@ def _cell_from_released(value: object, t: int, where: str) -> FPNCell:
 
 
 def genotype_from_released(data: object, where: str = "released genotype") -> Genotype:
-    """Parse ``[cell, ..., share_index, head_ops]`` into a validated :class:`Genotype`."""
+    """Parse ``[cell, ..., share_index, head_ops]`` (flat or the authors' nested spelling) into a :class:`Genotype`."""
     if not isinstance(data, (list, tuple)) or len(data) < 3:
         raise UserError(
             f"{where}: expected a list [[id1, id2, op1, op2, agg], ..., share_index, [head ops]] (got {data!r:.80})"
         )
     *cell_values, share, head_values = data
+    share, _ = _unwrap_one(share)
     cells = tuple(_cell_from_released(value, t, f"{where}[{t}]") for t, value in enumerate(cell_values))
     share_where = f"{where}[{len(cell_values)}] (head share index)"
     ops_where = f"{where}[{len(cell_values) + 1}] (head ops)"
@@ -84,15 +108,19 @@ def genotype_from_released(data: object, where: str = "released genotype") -> Ge
         raise UserError(f"{ops_where}: expected a non-empty list of head op ids (got {head_values!r})")
     ops = tuple(_table_index(v, f"{ops_where}[{i}]", HEAD_OPS, "head op") for i, v in enumerate(head_values))
     if not _is_int(share):
-        raise UserError(f"{share_where}: expected an integer (got {share!r})")
+        raise UserError(f"{share_where}: expected an integer or a one-element list [index] (got {share!r:.80})")
     if not 0 <= share <= len(ops):
         raise UserError(f"{share_where}: {share} out of range 0..{len(ops)} (the head has {len(ops)} layers)")
     genotype = Genotype(fpn=cells, head=SequentialHead(ops=ops, share_from=(share,) * NUM_LEVELS))
     return genotype.validate()
 
 
-def genotype_to_released(genotype: Genotype) -> list[Any]:
-    """The flat integer list of a searched-FPN + sequential-head genotype with one share index."""
+def genotype_to_released(genotype: Genotype, nested: bool = False) -> list[Any]:
+    """The integer list of a searched-FPN + sequential-head genotype with one share index.
+
+    Flat by default; ``nested=True`` wraps every cell and the share index in a one-element list, as the
+    authors' configs spell it (both are read back by :func:`genotype_from_released`).
+    """
     genotype.validate()
     if isinstance(genotype.fpn, PlainFPN):
         raise UserError("genotype.fpn: a PlainFPN has no released integer form; expected searched FPN cells")
@@ -110,4 +138,7 @@ def genotype_to_released(genotype: Genotype) -> list[Any]:
         [cell.in1, cell.in2, FPN_OPS.index(cell.op1), FPN_OPS.index(cell.op2), AGGREGATIONS.index(cell.agg)]
         for cell in genotype.fpn
     ]
-    return cells + [head.share_from[0], [HEAD_OPS.index(op) for op in head.ops]]
+    ops = [HEAD_OPS.index(op) for op in head.ops]
+    if nested:
+        return [[cell] for cell in cells] + [[head.share_from[0]], ops]
+    return cells + [head.share_from[0], ops]

@@ -30,7 +30,7 @@ What it does, in one run:
    ``2 x 8 x 64 x 64 x 9 x 96 x 96`` FLOPs), forward only, 10 calls after 2 warm-ups; the peak is the
    fastest call (the median is kept in the JSON as ``gflops_median``).
 
-Achieved GFLOP/s during proxy training = decoder GMACs per image (``CandidateResult.gmacs``: the decoder on one
+Achieved GFLOP/s during proxy training = decoder GMACs per image (``EvaluationResult.gmacs``: the decoder on one
 image of the cached feature size) x 3 (forward + backward: the backward pass of a convolution costs about two
 forwards, one for the input gradient and one for the weight gradient — the usual convention) x 2 FLOPs per MAC
 x training images/s. Normalisation, activations, the losses, Adam and Polyak are not counted (they are

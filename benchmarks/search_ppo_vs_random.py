@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from nasfcos.config import config_from_dict, load_config
-    from nasfcos.search.loop import SearchConfig, run_search
-    from nasfcos.search.proxy import ProxyConfig
+    from nasfcos.search.config import ProxyConfig, SearchConfig, SearchRunConfig
+    from nasfcos.search.loop import run_search
 
     threads = _common.set_threads(args.threads)
     budget = 4 if args.quick else args.budget
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 "executor": args.executor, "workers": args.workers, "top_k": 5,
             }, source="benchmark")
             t0 = time.perf_counter()
-            run_search(run_dir, args.cache, search_cfg, proxy_cfg, resume=(run_dir / "store.sqlite").is_file(),
-                       progress=not args.quick)
+            run_search(run_dir, SearchRunConfig(str(args.cache), search_cfg, proxy_cfg),
+                       resume=(run_dir / "store.sqlite").is_file(), progress=not args.quick)
             stats = strategy_stats(run_dir / "store.sqlite")
             stats.update(seed=seed, seconds=round(time.perf_counter() - t0, 1), run_dir=_common.display_path(run_dir))
             results[strategy].append(stats)

@@ -17,7 +17,7 @@ import pytest
 
 from nasfcos.search.executors import InlineExecutor, ProcessExecutor, RayExecutor, build_executor
 from nasfcos.search.runner import CandidateTask, outcome_from, run_task
-from test_search_loop import SMALL_SPACE, cache_dir, deterministic_evaluator, fake_reward, quick_cfg
+from test_search_loop import SMALL_SPACE, cache_dir, deterministic_evaluator, fake_reward, quick_cfg, run_cfg
 
 HERE = str(Path(__file__).resolve().parent)
 MARKER_ENV = "NASFCOS_TEST_DIE_MARKER_DIR"
@@ -46,7 +46,7 @@ def raising_evaluator(genotype: Any, cache: Any, cfg: Any, *, seed: int,
 def make_tasks(count: int, evaluator: str = "test_search_loop:deterministic_evaluator") -> list[CandidateTask]:
     import random
 
-    from nasfcos.search.loop import build_search_space
+    from nasfcos.search.config import build_search_space
 
     space = build_search_space(SMALL_SPACE)
     rng = random.Random(1)
@@ -72,9 +72,9 @@ def test_outcome_normalisation() -> None:
     assert outcome_from({"status": "ok", "reward": float("nan")}).status == "failed"
     assert outcome_from({"status": "weird", "reward": 1.0}).status == "failed"
     assert outcome_from(object()).status == "failed"
-    from nasfcos.search.proxy import CandidateResult
+    from nasfcos.search.results import EvaluationResult
 
-    proxy = CandidateResult(status="pruned", reward=-2.5, loss_cls=1.0, params=12, early_stop_loss=3.0)
+    proxy = EvaluationResult(status="pruned", reward=-2.5, loss_cls=1.0, params=12, early_stop_loss=3.0)
     outcome = outcome_from(proxy)
     assert (outcome.status, outcome.reward, outcome.loss_cls, outcome.params, outcome.early_stop_loss) == (
         "pruned", -2.5, 1.0, 12, 3.0)
@@ -125,8 +125,8 @@ def test_search_with_process_executor_matches_inline(tmp_path: Path) -> None:
     from nasfcos.search.loop import run_search
     from nasfcos.search.store import ResultStore
 
-    run_search(tmp_path / "inline", cache_dir(tmp_path), cfg, None, **run_search_kwargs)
-    run_search(tmp_path / "process", cache_dir(tmp_path), replace(cfg, executor="process", workers=2), None,
+    run_search(tmp_path / "inline", run_cfg(cache_dir(tmp_path), cfg), **run_search_kwargs)
+    run_search(tmp_path / "process", run_cfg(cache_dir(tmp_path), replace(cfg, executor="process", workers=2)),
                **run_search_kwargs)
     with ResultStore(tmp_path / "inline" / "store.sqlite", readonly=True) as a, \
             ResultStore(tmp_path / "process" / "store.sqlite", readonly=True) as b:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nasfcos.errors import UserError
+from nasfcos.search.config import ControllerConfig, PPOConfig
 from nasfcos.search.controller import Controller
 from nasfcos.search.ppo import PPOTrainer, Sample, clipped_surrogate
 from nasfcos.search.strategies import (
@@ -177,7 +178,7 @@ def test_one_update_raises_probability_of_rewarded_action(lr):
 
 def test_ppo_strategy_learns_the_best_architecture():
     space = TinySpace()
-    strategy = PPOStrategy(space, seed=0, hidden_size=16, lr=2e-2)
+    strategy = PPOStrategy(space, seed=0, controller=ControllerConfig(hidden_size=16), ppo=PPOConfig(lr=2e-2))
     start = _best_probability(strategy.controller, (0, 2))
     for _ in range(25):
         proposals = strategy.propose(4)
@@ -219,8 +220,7 @@ def _run(strategy: Strategy, rounds: int, n: int = 3) -> list[list[str]]:
 
 def _small(kind: str, space, seed: int) -> Strategy:
     """A strategy with a smaller controller (fast tests; the behaviour under test does not depend on size)."""
-    settings = {"hidden_size": 24, "epochs": 2} if kind == "ppo" else {}
-    return build_strategy(kind, space, seed=seed, **settings)
+    return build_strategy(kind, space, seed=seed, controller=ControllerConfig(hidden_size=24), ppo=PPOConfig(epochs=2))
 
 
 @pytest.mark.parametrize("kind", ["ppo", "random"])
@@ -264,7 +264,7 @@ def test_random_strategy_log_prob_is_masked_uniform():
 
 
 def test_ppo_proposal_log_prob_is_the_controllers():
-    strategy = PPOStrategy(TinySpace(), seed=2, hidden_size=8)
+    strategy = PPOStrategy(TinySpace(), seed=2, controller=ControllerConfig(hidden_size=8))
     proposals = strategy.propose(6)
     assert isinstance(proposals[0], Proposal) and isinstance(strategy, Strategy)
     with torch.no_grad():
@@ -278,6 +278,6 @@ def test_strategy_errors_are_user_errors():
         build_strategy("evolution", space)
     random_state = RandomStrategy(space, 0).state_dict()
     with pytest.raises(UserError, match="cannot resume"):
-        PPOStrategy(space, 0, hidden_size=8).load_state_dict(random_state)
+        PPOStrategy(space, 0, controller=ControllerConfig(hidden_size=8)).load_state_dict(random_state)
     with pytest.raises(UserError, match="cannot load"):
         state_from_bytes(RandomStrategy(space, 0), b"not a torch file")

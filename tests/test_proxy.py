@@ -15,7 +15,7 @@ from nasfcos.data.cache import FeatureCache, build_cache
 from nasfcos.data.synthetic import make_synthetic, read_synthetic
 from nasfcos.errors import UserError
 from nasfcos.search.proxy import (
-    CandidateResult,
+    EvaluationResult,
     EarlyStopReference,
     ProxyConfig,
     _average_precision,
@@ -157,9 +157,9 @@ def test_early_stop_reference_statistics() -> None:
     assert ref.threshold(1.5, min_samples=6) is None
     assert ref.threshold(1.5, min_samples=5) == pytest.approx(np.mean(values) + 1.5 * np.std(values))
     assert ref.should_stop(10.0, 1.5) and not ref.should_stop(3.0, 1.5) and ref.should_stop(float("nan"), 1.5)
-    assert not ref.update(CandidateResult(status="failed", reward=None, early_stop_loss=1.0))
+    assert not ref.update(EvaluationResult(status="failed", reward=None, early_stop_loss=1.0))
     assert not ref.update(float("inf"))
-    assert ref.update(CandidateResult(status="pruned", reward=-9.0, early_stop_loss=9.0)) and ref.count == 6
+    assert ref.update(EvaluationResult(status="pruned", reward=-9.0, early_stop_loss=9.0)) and ref.count == 6
     assert EarlyStopReference.from_dict(ref.to_dict()) == ref
     # After 1 / (1 - decay) samples the average is exponential: a new value moves it by (1 - decay).
     for _ in range(20):
@@ -205,15 +205,16 @@ def test_presets_load_and_bad_values_are_user_errors() -> None:
 
 
 def test_result_serialises_and_fills_a_store_row() -> None:
-    from nasfcos.search.store import CandidateResult as StoredResult
+    from nasfcos.search.store import CandidateRecord
 
-    result = CandidateResult(status="pruned", reward=-3.0, loss_cls=1.0, loss_reg=1.5, loss_ctr=0.5, gmacs=0.1,
-                             params=10, wall_time_s=2.0, epochs_run=2, history=[{"epoch": 1, "train_loss": 4.0,
-                                                                                 "val_loss": 3.5}])
-    assert CandidateResult.from_dict(result.to_dict()) == result
-    assert result.loss == pytest.approx(3.0)
-    row = StoredResult(key="k", genotype_json="{}", actions=(0,), **result.store_fields())
+    result = EvaluationResult(status="pruned", reward=-3.0, loss_cls=1.0, loss_reg=1.5, loss_ctr=0.5, gmacs=0.1,
+                              params=10, wall_time_s=2.0, epochs_run=2, history=[{"epoch": 1, "train_loss": 4.0,
+                                                                                  "val_loss": 3.5}])
+    assert EvaluationResult.from_dict(result.to_dict()) == result
+    assert result.loss_sum == pytest.approx(3.0)
+    row = CandidateRecord.of("k", "{}", (0,), result)
     assert row.status == "pruned" and row.reward == -3.0 and row.loss_sum == pytest.approx(3.0)
+    assert row.evaluation == result and row.history == result.history
 
 
 def test_batches_cover_every_image_once() -> None:

@@ -21,7 +21,7 @@ from nasfcos.analysis.plots import (
 )
 from nasfcos.analysis.report import find_run, write_report
 from nasfcos.errors import UserError
-from nasfcos.search.store import CandidateResult, ResultStore
+from nasfcos.search.store import CandidateRecord, ResultStore
 from nasfcos.space.search_space import SearchSpace
 
 PENALTY = -10.0
@@ -48,11 +48,11 @@ def make_search_run(folder: Path, n: int = 30, seed: int = 0, trend: float = 0.0
                       gmacs=1.0 + rng.random(), params=int(1e6 + rng.random() * 1e6), wall_time_s=2.0,
                       controller_step=i)
         if i % 10 == 7:
-            results.append(CandidateResult.failed(error="RuntimeError: NaN loss", penalty=PENALTY, **common))
+            results.append(CandidateRecord.failed(error="RuntimeError: NaN loss", penalty=PENALTY, **common))
             continue
         reward = -2.0 + trend * i + rng.uniform(-0.1, 0.1)
         status = "pruned" if i % 10 == 4 else "ok"
-        results.append(CandidateResult(reward=reward, loss_cls=-reward / 2, loss_reg=-reward / 3,
+        results.append(CandidateRecord(reward=reward, loss_cls=-reward / 2, loss_reg=-reward / 3,
                                        loss_ctr=-reward / 6, status=status, **common))
     with ResultStore(folder / "store.sqlite") as store:
         for step in range(0, n, 5):
@@ -300,12 +300,12 @@ def test_example_detections_from_real_weights(tmp_path: Path) -> None:
 
 def test_controller_panel_reads_a_real_ppo_search_log(tmp_path: Path) -> None:
     """The loop's own log.jsonl (not a hand-written one) must feed the controller diagnostics figure."""
-    from test_search_loop import cache_dir, deterministic_evaluator, quick_cfg
+    from test_search_loop import cache_dir, deterministic_evaluator, quick_cfg, run_cfg
 
     from nasfcos.search.loop import run_search
 
     run = tmp_path / "run"
-    run_search(run, cache_dir(tmp_path), quick_cfg(strategy="ppo", budget=9, batch_size=3), None,
+    run_search(run, run_cfg(cache_dir(tmp_path), quick_cfg(strategy="ppo", budget=9, batch_size=3)),
                evaluator=deterministic_evaluator, progress=False)
     write_report(run)
     text = (run / "report.md").read_text()

@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 
 from nasfcos.errors import UserError
-from nasfcos.search.loop import (
+from nasfcos.search.config import (
+    ProxyConfig,
     SearchConfig,
+    SearchRunConfig,
     SpaceConfig,
     load_search_run_config,
-    run_search,
 )
+from nasfcos.search.loop import run_search
 from nasfcos.search.store import ResultStore
 
 # ---------------------------------------------------------------------------------------------------- fakes
@@ -102,6 +104,11 @@ def quick_cfg(**changes: Any) -> SearchConfig:
     return replace(cfg, ppo=replace(cfg.ppo, epochs=1, buffer_size=16))
 
 
+def run_cfg(cache: Path, search: SearchConfig, proxy: ProxyConfig | None = None) -> SearchRunConfig:
+    """The run config of ``search`` on ``cache`` (the default proxy settings unless given)."""
+    return SearchRunConfig(cache=str(cache), search=search, proxy=proxy if proxy is not None else ProxyConfig())
+
+
 def cache_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "cache"
     folder.mkdir(exist_ok=True)
@@ -123,7 +130,7 @@ def _reset_calls() -> None:
 
 def test_reaches_exact_budget_of_distinct_evaluations_despite_repeats(tmp_path: Path) -> None:
     cfg = quick_cfg(strategy="random", budget=30, batch_size=6, space=SMALL_SPACE)
-    summary = run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator,
+    summary = run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg), evaluator=deterministic_evaluator,
                          progress=False)
     keys = keys_in_order(tmp_path / "run")
     assert summary.evaluated == len(keys) == 30
@@ -141,7 +148,7 @@ def test_reaches_exact_budget_of_distinct_evaluations_despite_repeats(tmp_path: 
 
 
 def test_store_is_idempotent_by_key(tmp_path: Path) -> None:
-    run_search(tmp_path / "run", cache_dir(tmp_path), quick_cfg(strategy="random", budget=5), None,
+    run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), quick_cfg(strategy="random", budget=5)),
                evaluator=deterministic_evaluator, progress=False)
     with ResultStore(tmp_path / "run" / "store.sqlite") as store:
         first = store.all()[0]
@@ -153,7 +160,7 @@ def test_store_is_idempotent_by_key(tmp_path: Path) -> None:
 
 def test_stops_when_the_strategy_only_proposes_known_genotypes(tmp_path: Path) -> None:
     cfg = quick_cfg(strategy="random", budget=20, batch_size=4, space=TINY_SPACE, max_proposals_factor=3)
-    summary = run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator,
+    summary = run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg), evaluator=deterministic_evaluator,
                          progress=False)
     assert summary.stop_reason == "proposal_limit"
     assert summary.proposals == 60
@@ -162,7 +169,7 @@ def test_stops_when_the_strategy_only_proposes_known_genotypes(tmp_path: Path) -
 
 def test_last_batch_is_truncated_to_the_budget(tmp_path: Path) -> None:
     cfg = quick_cfg(strategy="random", budget=7, batch_size=5)
-    summary = run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator,
+    summary = run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg), evaluator=deterministic_evaluator,
                          progress=False)
     assert summary.evaluated == 7 and len(CALLS) == 7
     assert summary.updates == 2
@@ -173,11 +180,12 @@ def test_last_batch_is_truncated_to_the_budget(tmp_path: Path) -> None:
 
 def test_same_seed_gives_the_same_genotype_sequence(tmp_path: Path) -> None:
     cfg = quick_cfg(strategy="ppo", budget=9, batch_size=3)
-    run_search(tmp_path / "a", cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator, progress=False)
-    run_search(tmp_path / "b", cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator, progress=False)
+    for name in "ab":
+        run_search(tmp_path / name, run_cfg(cache_dir(tmp_path), cfg), evaluator=deterministic_evaluator,
+                   progress=False)
     from dataclasses import replace
 
-    run_search(tmp_path / "c", cache_dir(tmp_path), replace(cfg, seed=1), None, evaluator=deterministic_evaluator,
+    run_search(tmp_path / "c", run_cfg(cache_dir(tmp_path), replace(cfg, seed=1)), evaluator=deterministic_evaluator,
                progress=False)
     a, b, c = (keys_in_order(tmp_path / name) for name in "abc")
     assert a == b
@@ -200,7 +208,7 @@ def test_candidate_seed_depends_on_search_seed_and_genotype_only() -> None:
 
 def test_failed_candidates_are_recorded_with_error_and_penalty(tmp_path: Path) -> None:
     cfg = quick_cfg(strategy="random", budget=16, batch_size=4, failure_margin=0.5, initial_failure_reward=-7.0)
-    summary = run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None, evaluator=flaky_evaluator,
+    summary = run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg), evaluator=flaky_evaluator,
                          progress=False)
     assert summary.evaluated == 16
     with ResultStore(tmp_path / "run" / "store.sqlite", readonly=True) as store:
@@ -221,7 +229,7 @@ def test_failed_candidates_are_recorded_with_error_and_penalty(tmp_path: Path) -
 
 def test_fixed_failure_reward_wins(tmp_path: Path) -> None:
     cfg = quick_cfg(strategy="random", budget=8, batch_size=4, failure_reward=-3.25)
-    run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None, evaluator=flaky_evaluator, progress=False)
+    run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg), evaluator=flaky_evaluator, progress=False)
     with ResultStore(tmp_path / "run" / "store.sqlite", readonly=True) as store:
         failed = store.all(status="failed")
     assert failed and all(r.reward == -3.25 for r in failed)
@@ -230,7 +238,7 @@ def test_fixed_failure_reward_wins(tmp_path: Path) -> None:
 def test_lambda_evaluator_needs_the_inline_executor(tmp_path: Path) -> None:
     cfg = quick_cfg(executor="process", workers=2)
     with pytest.raises(UserError, match="importable module-level function"):
-        run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None,
+        run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg),
                    evaluator=lambda g, c, p, *, seed, early_stop_reference=None: {"reward": 1.0}, progress=False)
 
 
@@ -239,11 +247,12 @@ def test_lambda_evaluator_needs_the_inline_executor(tmp_path: Path) -> None:
 
 def test_topk_files_logs_and_tensorboard(tmp_path: Path) -> None:
     from nasfcos.space.genotype import Genotype
-    from nasfcos.train.logging import read_log
+    from nasfcos.logs import read_log
 
     cfg = quick_cfg(strategy="ppo", budget=6, batch_size=3, top_k=4, tensorboard=True)
     run_dir = tmp_path / "run"
-    summary = run_search(run_dir, cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator, progress=False)
+    summary = run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg), evaluator=deterministic_evaluator,
+                         progress=False)
     with ResultStore(run_dir / "store.sqlite", readonly=True) as store:
         best = store.top_k(4)
         all_rewards = sorted((r.reward for r in store.all()), reverse=True)
@@ -269,28 +278,26 @@ def test_topk_files_logs_and_tensorboard(tmp_path: Path) -> None:
 def test_config_yaml_is_written_and_checked_on_resume(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from nasfcos.search.proxy import ProxyConfig
-
     cfg = quick_cfg(strategy="random", budget=4, batch_size=2)
     proxy = ProxyConfig(width=16, epochs=2)
     run_dir = tmp_path / "run"
-    run_search(run_dir, cache_dir(tmp_path), cfg, proxy, evaluator=deterministic_evaluator, progress=False)
+    run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg, proxy), evaluator=deterministic_evaluator, progress=False)
     saved = load_search_run_config(base=run_dir / "config.yaml")
     assert saved.search == cfg and saved.proxy == proxy and saved.cache == os.path.abspath(cache_dir(tmp_path))
 
     with pytest.raises(UserError, match="already holds a search"):
-        run_search(run_dir, cache_dir(tmp_path), cfg, proxy, evaluator=deterministic_evaluator, progress=False)
+        run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg, proxy), evaluator=deterministic_evaluator, progress=False)
     with pytest.raises(UserError, match=r"search\.seed differs"):
-        run_search(run_dir, cache_dir(tmp_path), replace(cfg, seed=5), proxy, resume=True,
+        run_search(run_dir, run_cfg(cache_dir(tmp_path), replace(cfg, seed=5), proxy), resume=True,
                    evaluator=deterministic_evaluator, progress=False)
     with pytest.raises(UserError, match=r"proxy\.epochs differs"):
-        run_search(run_dir, cache_dir(tmp_path), cfg, replace(proxy, epochs=3), resume=True,
+        run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg, replace(proxy, epochs=3)), resume=True,
                    evaluator=deterministic_evaluator, progress=False)
     with pytest.raises(UserError, match="not a search run folder"):
-        run_search(tmp_path / "nothing", cache_dir(tmp_path), cfg, proxy, resume=True,
+        run_search(tmp_path / "nothing", run_cfg(cache_dir(tmp_path), cfg, proxy), resume=True,
                    evaluator=deterministic_evaluator, progress=False)
     # A larger budget continues the search (and is written back).
-    summary = run_search(run_dir, cache_dir(tmp_path), replace(cfg, budget=6), proxy, resume=True,
+    summary = run_search(run_dir, run_cfg(cache_dir(tmp_path), replace(cfg, budget=6), proxy), resume=True,
                          evaluator=deterministic_evaluator, progress=False)
     assert summary.evaluated == 6 and len(CALLS) == 6
     assert load_search_run_config(base=run_dir / "config.yaml").search.budget == 6
@@ -298,7 +305,7 @@ def test_config_yaml_is_written_and_checked_on_resume(tmp_path: Path) -> None:
 
 def test_missing_cache_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="feature cache not found"):
-        run_search(tmp_path / "run", tmp_path / "nope", quick_cfg(), None, evaluator=deterministic_evaluator,
+        run_search(tmp_path / "run", run_cfg(tmp_path / "nope", quick_cfg()), evaluator=deterministic_evaluator,
                    progress=False)
 
 
@@ -316,7 +323,6 @@ def test_shipped_search_configs_load() -> None:
     assert (paper.search.ppo.lr, paper.search.ppo.clip, paper.search.ppo.grad_clip) == (1e-4, 0.1, 2.0)
     assert paper.search.controller.hidden_size == 100 and paper.search.controller.num_layers == 2
     from nasfcos.config import load_config
-    from nasfcos.search.proxy import ProxyConfig
 
     assert paper.proxy == load_config(ProxyConfig, root / "proxy-paper.yaml")  # the same proxy task
 
@@ -380,23 +386,22 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny_proxy() -> Any:
-    from nasfcos.search.proxy import ProxyConfig
-
     return ProxyConfig(width=8, epochs=2, batch_size=4, max_train_batches=1, device="cpu", threads=1,
                        early_stop_epoch=1)
 
 
 def test_search_with_the_real_proxy(tmp_path: Path, small_cache: Path) -> None:
-    from nasfcos.search.proxy import EarlyStopReference
+    from nasfcos.search.early_stop import EarlyStopReference
 
     cfg = quick_cfg(budget=3, batch_size=3, space=SpaceConfig(num_fpn_cells=3, num_head_layers=2))
     proxy = _tiny_proxy()
     run_dir = tmp_path / "run"
-    summary = run_search(run_dir, small_cache, cfg, proxy, progress=False)  # default evaluator: the proxy
+    summary = run_search(run_dir, run_cfg(small_cache, cfg, proxy), progress=False)  # default evaluator: the proxy
     assert summary.evaluated == 3 and summary.failed == 0
     with ResultStore(run_dir / "store.sqlite", readonly=True) as store:
         rows = store.all()
-        losses = [store.get_meta(f"early_stop_loss/{r.key}") for r in rows]
+        losses = [r.early_stop_loss for r in rows]
+        assert not [k for k in store.meta_keys() if k.startswith("early_stop_loss/")]  # a field, not meta
         fingerprint = store.get_meta("cache_fingerprint")
         state = json.loads(store.get_meta("loop_state"))
     for row in rows:
@@ -417,7 +422,7 @@ def test_resume_refuses_a_different_cache(tmp_path: Path, small_cache: Path) -> 
     import shutil
 
     cfg = quick_cfg(budget=1, batch_size=1, space=SpaceConfig(num_fpn_cells=3, num_head_layers=2))
-    run_search(tmp_path / "run", small_cache, cfg, _tiny_proxy(), progress=False)
+    run_search(tmp_path / "run", run_cfg(small_cache, cfg, _tiny_proxy()), progress=False)
     other = tmp_path / "other-cache"
     shutil.copytree(small_cache, other)
     manifest = json.loads((other / "manifest.json").read_text())
@@ -426,11 +431,12 @@ def test_resume_refuses_a_different_cache(tmp_path: Path, small_cache: Path) -> 
     from dataclasses import replace
 
     with pytest.raises(UserError, match="differs from the one this search started with"):
-        run_search(tmp_path / "run", other, replace(cfg, budget=2), _tiny_proxy(), resume=True, progress=False)
+        run_search(tmp_path / "run", run_cfg(other, replace(cfg, budget=2), _tiny_proxy()), resume=True, progress=False)
     # The same cache under another path is fine (the cache path may change on resume).
     moved = tmp_path / "moved-cache"
     shutil.copytree(small_cache, moved)
-    summary = run_search(tmp_path / "run", moved, replace(cfg, budget=2), _tiny_proxy(), resume=True, progress=False)
+    summary = run_search(tmp_path / "run", run_cfg(moved, replace(cfg, budget=2), _tiny_proxy()), resume=True,
+                         progress=False)
     assert summary.evaluated == 2
 
 
@@ -439,9 +445,9 @@ def test_real_proxy_in_worker_processes_matches_inline(tmp_path: Path, small_cac
     from dataclasses import replace
 
     cfg = quick_cfg(budget=4, batch_size=2, space=SpaceConfig(num_fpn_cells=3, num_head_layers=2))
-    run_search(tmp_path / "inline", small_cache, cfg, _tiny_proxy(), progress=False)
-    run_search(tmp_path / "process", small_cache, replace(cfg, executor="process", workers=2, worker_threads=1),
-               _tiny_proxy(), progress=False)
+    run_search(tmp_path / "inline", run_cfg(small_cache, cfg, _tiny_proxy()), progress=False)
+    process_cfg = replace(cfg, executor="process", workers=2, worker_threads=1)
+    run_search(tmp_path / "process", run_cfg(small_cache, process_cfg, _tiny_proxy()), progress=False)
     with ResultStore(tmp_path / "inline" / "store.sqlite", readonly=True) as a, \
             ResultStore(tmp_path / "process" / "store.sqlite", readonly=True) as b:
         rewards_a = {r.key: r.reward for r in a.all()}

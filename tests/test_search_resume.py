@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from nasfcos.search.loop import LOOP_STATE_KEY, load_search_run_config, run_search
+from nasfcos.search.config import load_search_run_config
+from nasfcos.search.loop import LOOP_STATE_KEY, run_search
 from nasfcos.search.store import ResultStore
 from test_search_loop import (
     CALLS,
@@ -29,6 +30,7 @@ from test_search_loop import (
     deterministic_evaluator,
     keys_in_order,
     quick_cfg,
+    run_cfg,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -92,7 +94,7 @@ def _reset() -> None:
 
 def _reference(tmp_path: Path, cfg: Any, proxy: Any = None, evaluator: Any = deterministic_evaluator) -> Path:
     run_dir = tmp_path / "reference"
-    run_search(run_dir, cache_dir(tmp_path), cfg, proxy, evaluator=evaluator, progress=False)
+    run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg, proxy), evaluator=evaluator, progress=False)
     CALLS.clear()
     return run_dir
 
@@ -105,10 +107,10 @@ def test_interrupted_search_resumes_to_the_uninterrupted_run(tmp_path: Path, int
     run_dir = tmp_path / "run"
     INTERRUPT["at"] = interrupt_at
     with pytest.raises(KeyboardInterrupt):
-        run_search(run_dir, cache_dir(tmp_path), cfg, None, evaluator=interrupting_evaluator, progress=False)
+        run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg), evaluator=interrupting_evaluator, progress=False)
     assert len(keys_in_order(run_dir)) == interrupt_at
-    summary = run_search(run_dir, cache_dir(tmp_path), cfg, None, resume=True, evaluator=interrupting_evaluator,
-                         progress=False)
+    summary = run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg), resume=True,
+                         evaluator=interrupting_evaluator, progress=False)
     assert summary.evaluated == 8
     assert len(CALLS) == len(set(CALLS)) == 8  # nothing lost, nothing trained twice
     assert keys_in_order(run_dir) == keys_in_order(reference)
@@ -133,10 +135,10 @@ def test_kill_between_results_and_commit(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(ResultStore, "commit_step", failing_commit)
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_search(run_dir, cache_dir(tmp_path), cfg, None, evaluator=deterministic_evaluator, progress=False)
+        run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg), evaluator=deterministic_evaluator, progress=False)
     assert len(keys_in_order(run_dir)) == 6 and _state(run_dir)[1]["step"] == 1
     monkeypatch.setattr(ResultStore, "commit_step", original)
-    run_search(run_dir, cache_dir(tmp_path), cfg, None, resume=True, evaluator=deterministic_evaluator,
+    run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg), resume=True, evaluator=deterministic_evaluator,
                progress=False)
     assert len(CALLS) == len(set(CALLS)) == 9
     assert keys_in_order(run_dir) == keys_in_order(reference)
@@ -144,7 +146,8 @@ def test_kill_between_results_and_commit(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_early_stop_reference_is_kept_committed_and_resumed(tmp_path: Path) -> None:
-    from nasfcos.search.proxy import EarlyStopReference, ProxyConfig
+    from nasfcos.search.config import ProxyConfig
+    from nasfcos.search.early_stop import EarlyStopReference
 
     proxy = ProxyConfig(early_stop=True, early_stop_decay=0.5, early_stop_epoch=1)
     cfg = quick_cfg(strategy="random", budget=8, batch_size=3)
@@ -167,8 +170,9 @@ def test_early_stop_reference_is_kept_committed_and_resumed(tmp_path: Path) -> N
     run_dir = tmp_path / "run"
     INTERRUPT["at"] = 4  # in the middle of the second batch
     with pytest.raises(KeyboardInterrupt):
-        run_search(run_dir, cache_dir(tmp_path), cfg, proxy, evaluator=early_stop_evaluator, progress=False)
-    run_search(run_dir, cache_dir(tmp_path), cfg, proxy, resume=True, evaluator=early_stop_evaluator,
+        run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg, proxy), evaluator=early_stop_evaluator,
+                   progress=False)
+    run_search(run_dir, run_cfg(cache_dir(tmp_path), cfg, proxy), resume=True, evaluator=early_stop_evaluator,
                progress=False)
     assert _state(run_dir) == _state(reference)
     assert all(RECEIVED[k] == received[k] for k in RECEIVED)
@@ -233,7 +237,7 @@ def test_sigkill_mid_search_then_resume(tmp_path: Path) -> None:
     cfg = load_search_run_config(None, None, [f"search.{k}={v}" for k, v in
                                               (("budget", 10), ("batch_size", 3), ("seed", 5))] + settings)
     reference = tmp_path / "reference"
-    run_search(reference, cache_dir(tmp_path), cfg.search, cfg.proxy, evaluator=deterministic_evaluator,
+    run_search(reference, run_cfg(cache_dir(tmp_path), cfg.search, cfg.proxy), evaluator=deterministic_evaluator,
                progress=False)
     assert final == keys_in_order(reference)
     assert _state(run_dir) == _state(reference)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from nasfcos.errors import UserError
-from nasfcos.search.store import STATE_KEY, CandidateResult, ResultStore
+from nasfcos.search.store import STATE_KEY, CandidateRecord, ResultStore
 
 
-def _result(i: int, reward: float, **fields) -> CandidateResult:
-    return CandidateResult(key=f"k{i}", genotype_json=f'{{"g": {i}}}', actions=(i, i + 1, 0), reward=reward, **fields)
+def _result(i: int, reward: float, **fields) -> CandidateRecord:
+    return CandidateRecord(key=f"k{i}", genotype_json=f'{{"g": {i}}}', actions=(i, i + 1, 0), reward=reward, **fields)
 
 
 def test_add_is_idempotent_by_key(tmp_path: Path):
@@ -59,7 +59,7 @@ def test_top_k_all_and_status_filters(tmp_path: Path):
         rewards = [-3.0, -1.0, -2.0, -1.0, -0.5]
         for i, r in enumerate(rewards):
             store.add(_result(i, r))
-        store.add(CandidateResult.failed("bad", "{}", (0, 0, 0), error="RuntimeError: CUDA out of memory",
+        store.add(CandidateRecord.failed("bad", "{}", (0, 0, 0), error="RuntimeError: CUDA out of memory",
                                          penalty=-100.0))
         store.add(_result(9, 10.0, status="pruned"))
         top = store.top_k(3)
@@ -76,7 +76,7 @@ def test_top_k_all_and_status_filters(tmp_path: Path):
 def test_failed_candidates_keep_error_and_penalty(tmp_path: Path):
     path = tmp_path / "s.db"
     with ResultStore(path) as store:
-        store.add(CandidateResult.failed("kf", '{"g": 1}', [1, 2], error="loss is NaN at epoch 3", penalty=-50.0,
+        store.add(CandidateRecord.failed("kf", '{"g": 1}', [1, 2], error="loss is NaN at epoch 3", penalty=-50.0,
                                          wall_time_s=1.5))
     with ResultStore(path) as store:
         failed = store.get("kf")
@@ -123,11 +123,11 @@ def test_readonly_reader_sees_writer_commits(tmp_path: Path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from nasfcos.search.store import CandidateResult, ResultStore
+    from nasfcos.search.store import CandidateRecord, ResultStore
     store = ResultStore(sys.argv[1])
     i = 0
     while True:
-        results = [CandidateResult(key=f"k{i}-{j}", genotype_json="{}", actions=(i, j), reward=-float(i))
+        results = [CandidateRecord(key=f"k{i}-{j}", genotype_json="{}", actions=(i, j), reward=-float(i))
                    for j in range(3)]
         store.commit_step(results, state_blob=str(i).encode() * 1000, meta={"committed": store.count() + 3})
         i += 1
@@ -156,3 +156,78 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path):
         last_step = count // 3 - 1
         assert store.state_blob() == str(last_step).encode() * 1000
         assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+#: The version-1 schema, as nasfcos wrote it before the early-stop loss became a column.
+V1_SCHEMA = """
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, genotype_json TEXT NOT NULL,
+    actions_json TEXT NOT NULL, reward REAL NOT NULL, loss_cls REAL, loss_reg REAL, loss_ctr REAL, ap REAL,
+    gmacs REAL, params INTEGER, wall_time_s REAL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'pruned')), error TEXT, controller_step INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE INDEX candidates_reward ON candidates (status, reward);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+INSERT INTO candidates VALUES (1, 'ka', '{"a": 1}', '[1, 2]', -2.5, 1.0, 1.0, 0.5, NULL, 0.25, 77, 3.0, 'ok', NULL,
+                               0, 1000.0);
+INSERT INTO candidates VALUES (2, 'kb', '{"b": 2}', '[0]', -9.0, NULL, NULL, NULL, NULL, NULL, NULL, 1.0, 'failed',
+                               'boom', 0, 1001.0);
+INSERT INTO meta VALUES ('early_stop_loss/ka', 4.75);
+INSERT INTO meta VALUES ('search_state', X'00ff');
+PRAGMA user_version = 1;
+"""
+
+
+def _v1_store(path: Path) -> Path:
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.close()
+    return path
+
+
+def test_version_1_stores_are_upgraded(tmp_path: Path):
+    expected_a = CandidateRecord(key="ka", genotype_json='{"a": 1}', actions=(1, 2), reward=-2.5, loss_cls=1.0,
+                                 loss_reg=1.0, loss_ctr=0.5, gmacs=0.25, params=77, wall_time_s=3.0,
+                                 early_stop_loss=4.75, controller_step=0)
+    # Read-only: an upgraded view, the file itself untouched.
+    path = _v1_store(tmp_path / "old.db")
+    with ResultStore(path, readonly=True) as store:
+        assert store.all() == [expected_a, CandidateRecord.failed("kb", '{"b": 2}', (0,), error="boom", penalty=-9.0,
+                                                                   wall_time_s=1.0, controller_step=0)]
+        assert store.get("ka").created_at == 1000.0 and store.get("kb").early_stop_loss is None
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    # Writable: migrated in place; the early-stop loss moved from meta into its row.
+    with ResultStore(path) as store:
+        assert store.get("ka") == expected_a and store.get("ka").id == 1
+        assert store.meta_keys() == [STATE_KEY] and store.state_blob() == b"\x00\xff"
+        assert store.add(_result(3, -1.0, early_stop_loss=2.0)) and store.get("k3").early_stop_loss == 2.0
+        assert [r.key for r in store.top_k(3)] == ["k3", "ka"]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_a_newer_store_is_refused_naming_the_file(tmp_path: Path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    for readonly in (False, True):
+        with pytest.raises(UserError, match=r"future\.db: results store schema version 99 is newer"):
+            ResultStore(path, readonly=readonly)
+
+
+def test_every_evaluation_field_is_a_column(tmp_path: Path):
+    """A field added to the evaluation record is stored without touching the store."""
+    import dataclasses
+
+    from nasfcos.search.results import EvaluationResult
+
+    with ResultStore(tmp_path / "s.db") as store:
+        columns = {row[1] for row in store._conn.execute("PRAGMA table_info(candidates)")}
+    assert {f.name for f in dataclasses.fields(EvaluationResult)} <= columns
+    record = _result(1, -1.0, epochs_run=3, seed=11, early_stop_loss=1.5,
+                     history=({"epoch": 1, "train_loss": 2.0, "val_loss": None},))
+    with ResultStore(tmp_path / "t.db") as store:
+        store.add(record)
+        got = store.get("k1")
+    assert got == record and got.history == record.history and got.evaluation == record.evaluation

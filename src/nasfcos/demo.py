@@ -252,8 +252,8 @@ def run_demo(
     search_dir = out / "search"
     if stage("search"):
         from nasfcos.config import config_from_dict
-        from nasfcos.search.loop import SearchConfig, run_search
-        from nasfcos.search.proxy import ProxyConfig
+        from nasfcos.search.config import ProxyConfig, SearchConfig, SearchRunConfig
+        from nasfcos.search.loop import run_search
 
         t0 = time.perf_counter()
         # Candidates run in parallel, one thread each: small decoders scale better across processes than
@@ -269,7 +269,7 @@ def run_demo(
             threads=1, device="cpu", early_stop=True, early_stop_epoch=max(1, sizes.proxy_epochs // 2),
         )
         resume = (search_dir / "store.sqlite").is_file()
-        summary = run_search(search_dir, cache_dir, search_cfg, proxy_cfg, resume=resume)
+        summary = run_search(search_dir, SearchRunConfig(str(cache_dir), search_cfg, proxy_cfg), resume=resume)
         reference = _baseline_proxy_reward(cache_dir, proxy_cfg, seed, threads)
         log.finish("search", time.perf_counter() - t0, evaluated=summary.evaluated, failed=summary.failed,
                    pruned=summary.pruned, baseline_reward=reference)

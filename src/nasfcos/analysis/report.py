@@ -96,7 +96,7 @@ class SearchData:
     """Everything the report uses from one search run folder."""
 
     path: Path
-    results: list[Any]  # CandidateResult, insertion order
+    results: list[Any]  # CandidateRecord, insertion order
     top: list[Any]  # best ok candidates, best first
     log: list[dict[str, Any]]
     config: dict[str, Any] | None
@@ -368,7 +368,7 @@ def _reward_stats(rep: _Report, search: SearchData, budget: Any, strategy: Any) 
         position = next((k + 1 for k, r in enumerate(search.results) if r.key == best.key), "?")
         facts.append(f"- Best reward: {best.reward:.4f} (candidate {position} of {total}, key `{best.key[:12]}`)")
     for key, value in sorted(search.meta.items()):
-        if "/" not in key:  # per-candidate bookkeeping (e.g. early_stop_loss/<key>) is not for the reader
+        if "/" not in key:  # per-candidate bookkeeping (``name/<key>``, as version-1 stores had) is not for the reader
             facts.append(f"- Store meta `{key}`: {value}")
     rep.add("\n".join(facts))
 

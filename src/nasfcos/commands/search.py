@@ -78,8 +78,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The resolved ``SearchRunConfig`` (see the module docstring for the layers)."""
-    from nasfcos.search.loop import CONFIG_FILE, load_search_run_config
+    """The resolved :class:`~nasfcos.search.config.SearchRunConfig` (see the module docstring for the layers)."""
+    from nasfcos.search.config import load_search_run_config
+    from nasfcos.search.run_folder import CONFIG_FILE
 
     base = None
     if args.resume:
@@ -126,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--cache: required (the feature cache folder built by `nasfcos cache`)")
     run_dir = _run_dir(args, cfg.search.strategy)
     evaluator = os.environ.get(TEST_EVALUATOR_ENV) or None
-    summary = run_search(run_dir, cfg.cache, cfg.search, cfg.proxy, resume=bool(args.resume),
-                         evaluator=evaluator, progress=not args.quiet)
+    summary = run_search(run_dir, cfg, resume=bool(args.resume), evaluator=evaluator, progress=not args.quiet)
     print(f"evaluated {summary.evaluated} architectures ({summary.failed} failed, {summary.pruned} pruned; "
           f"{summary.repeats} re-proposals reused) in {summary.updates} policy updates, "
           f"{summary.wall_time_s:.0f} s this session")

@@ -19,15 +19,19 @@ cached crop ground truth (crowd / difficult objects ignored); with no ground tru
 
 Early stopping of hopeless candidates (nas-segm's running-average rule, FACTS 5). After epoch
 ``early_stop_epoch`` the candidate's averaged weights are validated once (``history`` keeps that loss, and
-:attr:`CandidateResult.early_stop_loss` hands it to the loop). :class:`EarlyStopReference` is a small
-serialisable record the **loop** keeps across candidates: a running mean and standard deviation of that
+:attr:`EvaluationResult.early_stop_loss` hands it to the loop).
+:class:`~nasfcos.search.early_stop.EarlyStopReference` is a small serialisable record the **loop** keeps
+across candidates: a running mean and standard deviation of that
 epoch's meta-val loss over every candidate that reached it (a plain average over the first
 ``1 / (1 - early_stop_decay)`` candidates, an exponential one after that, so it follows the population the
 controller currently samples). Once it has seen ``early_stop_min_samples`` candidates, a candidate whose loss
 exceeds ``mean + early_stop_margin x std`` (std floored at 1 % of the mean) stops: ``status="pruned"``, and the
 reward is computed from its averaged weights at that point (``-loss``, or AP), so the controller still receives
 a — bad — signal. :func:`evaluate_candidate` only reads the reference (it may run in another process); the
-loop calls ``reference.update(result)`` after each candidate.
+loop folds each batch's results in with ``reference.update(result)`` once the batch is complete.
+
+The settings are :class:`~nasfcos.search.config.ProxyConfig` and the answer is the search's one evaluation
+record, :class:`~nasfcos.search.results.EvaluationResult` (both re-exported here).
 
 Why standard deviations rather than a ratio of the mean (e.g. "1.5x the average"): at a fixed epoch the FCOS
 loss sums of different decoders lie within a few per cent of each other (e.g. 6.1 to 6.6 in our CPU runs), so
@@ -62,7 +66,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,11 +77,15 @@ from nasfcos.detection.losses import fcos_losses
 from nasfcos.detection.points import flatten_levels
 from nasfcos.detection.targets import FCOSTargets
 from nasfcos.errors import UserError
+from nasfcos.search.candidate_progress import CandidateProgress
+from nasfcos.search.config import ProxyConfig
+from nasfcos.search.early_stop import EarlyStopReference
 from nasfcos.search.polyak import PolyakAverager
+from nasfcos.search.results import EvaluationResult
 
 __all__ = [
-    "CandidateResult",
     "EarlyStopReference",
+    "EvaluationResult",
     "ProxyConfig",
     "clear_resident",
     "decoder_cost",
@@ -85,187 +93,6 @@ __all__ = [
 ]
 
 _EPS = 1e-7  # the loss module's clamp for the regression-weight normaliser
-
-
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: got {value!r}; expected {expected}")
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """How one candidate is trained and scored. Defaults are the paper's proxy task (Sec. 4.1, FACTS 5).
-
-    Load presets with ``nasfcos.config.load_config(ProxyConfig, "configs/proxy-paper.yaml", overrides)``.
-    """
-
-    width: int = 64  # every decoder op has this many channels (FPN and head)
-    epochs: int = 15
-    batch_size: int = 200
-    lr: float = 8e-4  # Adam
-    weight_decay: float = 0.0
-    polyak_decay: float = 0.9
-    reward: Literal["loss", "ap"] = "loss"
-    compute_ap: bool = False  # also compute AP with reward="loss" (costs a post-processing pass)
-    fcos: Literal["vanilla", "improved"] = "vanilla"
-    concat: Literal["grouped", "dense"] = "grouped"
-    early_stop: bool = True
-    early_stop_epoch: int = 2  # validate after this epoch; prune if hopeless
-    early_stop_margin: float = 1.5  # prune when val loss > running mean + margin x running std at that epoch
-    early_stop_min_samples: int = 5  # candidates the reference must have seen before it prunes anything
-    early_stop_decay: float = 0.9  # running mean/std decay of the reference
-    failure_reward: Optional[float] = None  # reward of failed candidates; None = the loop decides
-    max_train_batches: Optional[int] = None  # cap on steps per epoch (tests, smoke runs)
-    val_batch_size: Optional[int] = None  # None = batch_size
-    val_every: int = 0  # extra validation every N epochs for the history (0 = only early-stop epoch and end)
-    grad_clip_norm: Optional[float] = None
-    seed_offset: int = 0
-    threads: Optional[int] = None  # torch.set_num_threads while evaluating; None = leave as is
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
-    channels_last: Optional[bool] = None  # None = on CUDA only
-    preload: bool = True  # hold the cache in memory on the device (once per process)
-    preload_max_gb: float = 16.0  # ... when both splits together are at most this big
-
-    def __post_init__(self) -> None:
-        _require(self.width >= 2 and self.width % 2 == 0, "width", self.width, "an even number >= 2")
-        _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _require(self.lr > 0, "lr", self.lr, "> 0")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _require(0.0 <= self.polyak_decay < 1.0, "polyak_decay", self.polyak_decay, "in [0, 1)")
-        _require(self.early_stop_epoch >= 1, "early_stop_epoch", self.early_stop_epoch, ">= 1")
-        _require(self.early_stop_margin >= 0, "early_stop_margin", self.early_stop_margin, ">= 0")
-        _require(self.early_stop_min_samples >= 0, "early_stop_min_samples", self.early_stop_min_samples, ">= 0")
-        _require(0.0 <= self.early_stop_decay < 1.0, "early_stop_decay", self.early_stop_decay, "in [0, 1)")
-        _require(self.failure_reward is None or math.isfinite(self.failure_reward), "failure_reward",
-                 self.failure_reward, "a finite number or null")
-        _require(self.max_train_batches is None or self.max_train_batches >= 1, "max_train_batches",
-                 self.max_train_batches, ">= 1 or null")
-        _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size", self.val_batch_size,
-                 ">= 1 or null")
-        _require(self.val_every >= 0, "val_every", self.val_every, ">= 0")
-        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm,
-                 "> 0 or null")
-        _require(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or null")
-        _require(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"), "device", self.device,
-                 "auto, cpu, cuda or cuda:N")
-        _require(self.preload_max_gb >= 0, "preload_max_gb", self.preload_max_gb, ">= 0")
-
-
-@dataclass
-class CandidateResult:
-    """What evaluating one candidate produced.
-
-    ``status``: ``"ok"``, ``"failed"`` (``error`` says why; ``reward`` is ``cfg.failure_reward``) or
-    ``"pruned"`` (stopped by the early-stop rule; ``reward`` from the weights at that point). Losses are the
-    meta-val losses the reward was computed from; ``gmacs``/``params`` are the decoder's at the cached input
-    size (batch 1). ``history`` has one entry per epoch run: ``{"epoch", "train_loss", "val_loss"}`` (the
-    mean training loss over the epoch's steps; ``val_loss`` the averaged weights' meta-val loss sum where
-    validated, else ``None``). ``early_stop_loss`` is the val loss after ``early_stop_epoch`` (what
-    :meth:`EarlyStopReference.update` records).
-    """
-
-    status: str
-    reward: float | None
-    loss_cls: float | None = None
-    loss_reg: float | None = None
-    loss_ctr: float | None = None
-    ap: float | None = None
-    gmacs: float | None = None
-    params: int | None = None
-    wall_time_s: float = 0.0
-    epochs_run: int = 0
-    error: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    early_stop_loss: float | None = None
-    seed: int | None = None
-
-    @property
-    def loss(self) -> float | None:
-        """``loss_cls + loss_reg + loss_ctr`` on meta-val, or ``None``."""
-        parts = (self.loss_cls, self.loss_reg, self.loss_ctr)
-        return None if any(p is None for p in parts) else float(sum(parts))  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (for process/Ray executors and logs)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CandidateResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def store_fields(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`nasfcos.search.store.CandidateResult` (add key, genotype, actions;
-        a failed candidate's ``reward`` may be ``None``: replace it with the loop's penalty)."""
-        return {"reward": self.reward, "loss_cls": self.loss_cls, "loss_reg": self.loss_reg,
-                "loss_ctr": self.loss_ctr, "ap": self.ap, "gmacs": self.gmacs, "params": self.params,
-                "wall_time_s": self.wall_time_s, "status": self.status, "error": self.error}
-
-
-@dataclass
-class EarlyStopReference:
-    """Running statistics of candidates' meta-val loss after ``epoch`` epochs; the loop keeps and updates it.
-
-    ``mean``/``var`` are running over every candidate that reached ``epoch`` (pruned ones included, failed ones
-    not): the plain average while ``count < 1 / (1 - decay)``, then exponential with ``decay``. ``best`` is the
-    lowest such loss, ``count`` how many were seen.
-    """
-
-    epoch: int = 2
-    decay: float = 0.9
-    count: int = 0
-    mean: float | None = None
-    var: float = 0.0
-    best: float | None = None
-
-    #: The standard deviation used is at least this fraction of the mean (identical losses must not make
-    #: every slightly worse candidate "hopeless").
-    MIN_RELATIVE_STD = 0.01
-
-    @classmethod
-    def for_config(cls, cfg: ProxyConfig) -> EarlyStopReference:
-        return cls(epoch=cfg.early_stop_epoch, decay=cfg.early_stop_decay)
-
-    def update(self, value: CandidateResult | float | None) -> bool:
-        """Fold a candidate's early-epoch val loss in; returns whether anything was recorded."""
-        if isinstance(value, CandidateResult):
-            value = None if value.status == "failed" else value.early_stop_loss
-        if value is None or not math.isfinite(float(value)):
-            return False
-        value = float(value)
-        self.count += 1
-        if self.mean is None:
-            self.mean, self.var = value, 0.0
-        else:
-            alpha = max(1.0 - self.decay, 1.0 / self.count)
-            diff = value - self.mean
-            self.mean += alpha * diff
-            self.var = (1.0 - alpha) * (self.var + alpha * diff * diff)
-        self.best = value if self.best is None else min(self.best, value)
-        return True
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.var, 0.0))
-
-    def threshold(self, margin: float, min_samples: int = 0) -> float | None:
-        """The loss above which a candidate is pruned, or ``None`` while the reference is not ready."""
-        if self.mean is None or self.count < max(1, min_samples):
-            return None
-        return self.mean + float(margin) * max(self.std, self.MIN_RELATIVE_STD * abs(self.mean))
-
-    def should_stop(self, loss: float, margin: float, min_samples: int = 0) -> bool:
-        limit = self.threshold(margin, min_samples)
-        return limit is not None and (not math.isfinite(loss) or loss > limit)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EarlyStopReference:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,11 +110,11 @@ def _build_decoder(genotype: Any, cache_like: Mapping[str, Any], width: int, fco
 
 
 def _cost(decoder: nn.Module, feature_shapes: Mapping[str, Sequence[int]]) -> tuple[int, float]:
-    from nasfcos.analysis.profile import profile
+    from nasfcos.nn.cost import count_cost
 
     inputs = {level: torch.zeros(1, *(int(x) for x in feature_shapes[level])) for level in LEVELS}
-    stats = profile(decoder, example_inputs=(inputs,), meta=False)  # a real batch-1 pass beats the meta device on CPU
-    return int(stats["params"]), float(stats["gmacs"])
+    cost = count_cost(decoder, (inputs,), meta=False)  # a real batch-1 pass beats the meta device on CPU
+    return int(cost.params), float(cost.gmacs)
 
 
 def _manifest_of(cache_manifest: FeatureCache | Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
@@ -304,7 +131,7 @@ def decoder_cost(genotype: Any, cache_manifest: FeatureCache | Mapping[str, Any]
     """``(params, GMACs)`` of the decoder alone on one image of the cached feature sizes.
 
     ``cache_manifest`` is a :class:`FeatureCache`, its manifest dict or its folder. Counted with
-    :func:`nasfcos.analysis.profile.profile` (deformable convs included) with one batch-1 forward pass.
+    :func:`nasfcos.nn.cost.count_cost` (deformable convs included) with one batch-1 forward pass.
     """
     manifest = _manifest_of(cache_manifest)
     decoder = _build_decoder(genotype, manifest, width, fcos, concat, num_classes)
@@ -436,7 +263,7 @@ def _validate(model: nn.Module, data: _SplitData, cache: FeatureCache, cfg: Prox
 
 def _average_precision(cache: FeatureCache, data: _SplitData, detections: list[dict[str, Tensor]],
                        positions: list[int]) -> float:
-    from nasfcos.train.evaluate import coco_evaluate, detections_to_coco
+    from nasfcos.data.coco_eval import coco_evaluate, detections_to_coco
 
     results = detections_to_coco(detections, positions, cache.category_ids)
     ap = coco_evaluate(data.split.coco_gt(), results)["AP"]
@@ -452,6 +279,11 @@ class _Progress:
     epochs_run: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     early_stop_loss: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """These, as :class:`EvaluationResult` fields (the history copied)."""
+        return {"params": self.params, "gmacs": self.gmacs, "epochs_run": self.epochs_run,
+                "history": tuple(dict(entry) for entry in self.history), "early_stop_loss": self.early_stop_loss}
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -477,8 +309,14 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
 
 
+def _short_key(genotype: Any) -> str:
+    """The first 8 characters of the genotype's key (what the result store and reports show), for log lines."""
+    key = getattr(genotype, "key", None)
+    return key()[:8] if callable(key) else "candidate"
+
+
 def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed: int, device: torch.device,
-                     reference: EarlyStopReference | None, progress: _Progress) -> CandidateResult:
+                     reference: EarlyStopReference | None, progress: _Progress) -> EvaluationResult:
     torch.manual_seed(seed)
     decoder = _build_decoder(genotype, cache.manifest, cfg.width, cfg.fcos, cfg.concat)
     progress.params, progress.gmacs = _cost(decoder, cache.feature_shapes)
@@ -499,18 +337,22 @@ def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed:
     want_ap = cfg.reward == "ap" or cfg.compute_ap
     expected_points = int(cache.manifest["num_points"])
 
-    def score(status: str, scores: Mapping[str, float] | None = None) -> CandidateResult:
+    def score(status: str, scores: Mapping[str, float] | None = None) -> EvaluationResult:
         if scores is None:
             with averager.swap_in() as averaged:
                 scores = _validate(averaged, val, cache, cfg, with_ap=want_ap)
         if not math.isfinite(scores["loss"]):
             raise FloatingPointError(f"non-finite meta-val loss ({scores['loss']}) after epoch {progress.epochs_run}")
+        if status == "ok":  # the final validation is also the last epoch's and, at that epoch, the early-stop one
+            progress.history[-1]["val_loss"] = scores["loss"]
+            if cfg.early_stop and cfg.early_stop_epoch == cfg.epochs:
+                progress.early_stop_loss = scores["loss"]
         reward = float(scores["ap"]) if cfg.reward == "ap" else -float(scores["loss"])
-        return CandidateResult(status=status, reward=reward, loss_cls=scores["loss_cls"],
-                               loss_reg=scores["loss_reg"], loss_ctr=scores["loss_ctr"], ap=scores.get("ap"),
-                               gmacs=progress.gmacs, params=progress.params, epochs_run=progress.epochs_run,
-                               history=progress.history, early_stop_loss=progress.early_stop_loss, seed=seed)
+        return EvaluationResult(status=status, reward=reward, loss_cls=scores["loss_cls"],
+                                loss_reg=scores["loss_reg"], loss_ctr=scores["loss_ctr"], ap=scores.get("ap"),
+                                **progress.fields(), seed=seed)
 
+    reporter = CandidateProgress(_short_key(genotype), cfg.epochs)  # throttled stderr lines; see its module
     for epoch in range(1, cfg.epochs + 1):
         batches = _batches(train.size, cfg.batch_size, generator)
         if cfg.max_train_batches is not None:
@@ -536,6 +378,7 @@ def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed:
             averager.update()
             total += value
             steps += 1
+            reporter.update(epoch, steps, len(batches), total / steps)
         progress.epochs_run = epoch
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(steps, 1), "val_loss": None}
         progress.history.append(entry)
@@ -551,11 +394,7 @@ def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed:
                 if reference is not None and reference.should_stop(scores["loss"], cfg.early_stop_margin,
                                                                     cfg.early_stop_min_samples):
                     return score("pruned", scores)
-    result = score("ok")
-    progress.history[-1]["val_loss"] = result.loss
-    if cfg.early_stop and cfg.early_stop_epoch == cfg.epochs:
-        result.early_stop_loss = progress.early_stop_loss = result.loss
-    return result
+    return score("ok")
 
 
 def evaluate_candidate(
@@ -566,7 +405,7 @@ def evaluate_candidate(
     seed: int,
     device: str | torch.device | None = None,
     early_stop_reference: EarlyStopReference | Mapping[str, Any] | None = None,
-) -> CandidateResult:
+) -> EvaluationResult:
     """Train ``genotype``'s decoder on the cache's meta-train split and score it on meta-val (module doc).
 
     Never raises for a candidate's failure (``status="failed"``); raises :class:`UserError` only when the
@@ -593,12 +432,9 @@ def evaluate_candidate(
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate is recorded, never raised
             if resolved.type == "cuda":
                 torch.cuda.empty_cache()
-            result = CandidateResult(status="failed", reward=cfg.failure_reward, gmacs=progress.gmacs,
-                                     params=progress.params, epochs_run=progress.epochs_run,
-                                     error=_error_text(exc), history=progress.history,
-                                     early_stop_loss=progress.early_stop_loss, seed=seed)
-    result.wall_time_s = time.perf_counter() - start
-    return result
+            result = EvaluationResult(status="failed", reward=cfg.failure_reward, error=_error_text(exc),
+                                      **progress.fields(), seed=seed)
+    return dataclasses.replace(result, wall_time_s=time.perf_counter() - start)
 
 
 def clear_resident() -> None:

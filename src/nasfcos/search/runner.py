@@ -1,7 +1,8 @@
 """The worker side of the search: evaluate one candidate, in whatever process or machine it lands on.
 
 Every executor (same process, a process pool, Ray) ships the same picklable :class:`CandidateTask` to
-:func:`run_task` and gets back the same picklable :class:`CandidateOutcome`, so the search loop does not care
+:func:`run_task` and gets back the same picklable
+:class:`~nasfcos.search.results.EvaluationResult`, so the search loop does not care
 where a candidate ran. What travels is small: the genotype as JSON, the proxy config, the *path* of the
 feature cache (workers open it memory-mapped themselves; arrays are never shipped) and the evaluator as a
 ``"module:function"`` string, resolved inside the worker. The string form is what lets a Ray worker on
@@ -9,7 +10,8 @@ another machine, or a freshly spawned process, find the function: a pickled func
 module importable *before* the task's arguments are unpickled.
 
 An evaluator is any function ``evaluator(genotype, cache, cfg, *, seed, early_stop_reference=None)``
-returning an object (or dict) with the fields of :class:`CandidateOutcome`; the default is
+returning an :class:`~nasfcos.search.results.EvaluationResult` (or a dict or object with its field names,
+normalised by :func:`~nasfcos.search.results.as_result`); the default is
 :func:`nasfcos.search.proxy.evaluate_candidate`. :func:`run_task` never raises for a candidate's failure: an
 exception inside the evaluator becomes ``status="failed"`` with the error text, so one broken architecture
 (NaN, out of memory, a bug in an op) cannot stop a search of thousands. A :class:`~nasfcos.errors.UserError`
@@ -19,27 +21,25 @@ and stops the search with its one-line message.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import math
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nasfcos.errors import UserError
+from nasfcos.search.config import ProxyConfig
+from nasfcos.search.results import EvaluationResult, as_result
 
 __all__ = [
     "DEFAULT_EVALUATOR",
-    "CandidateOutcome",
     "CandidateTask",
     "evaluator_spec",
-    "failed_outcome",
-    "outcome_from",
     "resolve_evaluator",
+    "resolve_evaluator_and_spec",
     "run_task",
     "set_worker_threads",
 ]
@@ -47,7 +47,11 @@ __all__ = [
 #: The real proxy task (``nasfcos.search.proxy.evaluate_candidate``).
 DEFAULT_EVALUATOR = "nasfcos.search.proxy:evaluate_candidate"
 
-_STATUSES = ("ok", "failed", "pruned")
+#: Old names, kept importable while the executors move over (the record is
+#: :class:`~nasfcos.search.results.EvaluationResult`).
+CandidateOutcome = EvaluationResult
+failed_outcome = EvaluationResult.failure
+outcome_from = as_result
 
 
 @dataclass(frozen=True)
@@ -67,90 +71,11 @@ class CandidateTask:
     actions: tuple[int, ...]
     seed: int
     cache_path: str
-    proxy_cfg: Any
+    proxy_cfg: ProxyConfig | None
     evaluator: str | None = DEFAULT_EVALUATOR
-    early_stop_reference: Any = None
+    early_stop_reference: dict[str, Any] | None = None
     python_path: tuple[str, ...] = ()
     threads: int | None = None
-
-
-@dataclass(frozen=True)
-class CandidateOutcome:
-    """What evaluating a candidate produced (the proxy's ``CandidateResult``, normalised and picklable).
-
-    ``reward`` may be ``None`` or non-finite for a failed candidate; the loop then applies its penalty.
-    ``early_stop_loss``: the early-epoch validation loss the loop folds into its early-stop reference.
-    ``history`` (per-epoch curves, if the evaluator gives them) is kept for logging only.
-    """
-
-    status: str
-    reward: float | None
-    loss_cls: float | None = None
-    loss_reg: float | None = None
-    loss_ctr: float | None = None
-    ap: float | None = None
-    gmacs: float | None = None
-    params: int | None = None
-    wall_time_s: float | None = field(default=None, compare=False)  # timing is not part of the result
-    epochs_run: int | None = None
-    error: str | None = None
-    early_stop_loss: float | None = None
-    history: Any = field(default=None, compare=False)
-
-
-def failed_outcome(error: str, wall_time_s: float | None = None) -> CandidateOutcome:
-    """A failure found outside the evaluator (a worker that died, an exception it raised)."""
-    return CandidateOutcome(status="failed", reward=None, error=error, wall_time_s=wall_time_s)
-
-
-def _number(value: Any) -> float | None:
-    if value is None:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def outcome_from(result: Any, wall_time_s: float | None = None) -> CandidateOutcome:
-    """Normalise an evaluator's return value (a dataclass such as the proxy's ``CandidateResult``, any object
-    with the same attributes, or a dict) into a :class:`CandidateOutcome`."""
-    if isinstance(result, CandidateOutcome):
-        return result
-    if isinstance(result, Mapping):
-        get = result.get
-    elif dataclasses.is_dataclass(result) or hasattr(result, "status"):
-        def get(name: str, default: Any = None) -> Any:
-            return getattr(result, name, default)
-    else:
-        return failed_outcome(f"evaluator returned {type(result).__name__}; expected a CandidateResult", wall_time_s)
-    status = str(get("status", "ok"))
-    if status not in _STATUSES:
-        return failed_outcome(f"evaluator returned status {status!r}; expected one of {_STATUSES}", wall_time_s)
-    reward = _number(get("reward"))
-    error = get("error")
-    if status != "failed" and (reward is None or not math.isfinite(reward)):
-        status, error = "failed", error or f"evaluator returned a non-finite reward ({reward!r})"
-    params = _number(get("params"))
-    epochs = get("epochs_run")
-    wall = _number(get("wall_time_s"))
-    return CandidateOutcome(
-        status=status,
-        reward=reward,
-        loss_cls=_number(get("loss_cls")),
-        loss_reg=_number(get("loss_reg")),
-        loss_ctr=_number(get("loss_ctr")),
-        ap=_number(get("ap")),
-        gmacs=_number(get("gmacs")),
-        params=None if params is None or not math.isfinite(params) else int(params),
-        wall_time_s=wall if wall is not None else wall_time_s,
-        epochs_run=None if epochs is None else int(epochs),
-        error=None if error is None else str(error),
-        early_stop_loss=_number(get("early_stop_loss")),
-        history=get("history"),
-    )
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
@@ -189,6 +114,16 @@ def evaluator_spec(evaluator: Callable[..., Any] | str) -> str | None:
         return spec if resolve_evaluator(spec) is evaluator else None
     except UserError:
         return None
+
+
+def resolve_evaluator_and_spec(evaluator: Callable[..., Any] | str | None) -> tuple[Callable[..., Any], str | None]:
+    """``(callable for in-process use, spec string for workers)`` of an evaluator given as a callable, a spec
+    string or ``None`` (= :data:`DEFAULT_EVALUATOR`); the spec is ``None`` for a lambda or closure."""
+    if evaluator is None:
+        evaluator = DEFAULT_EVALUATOR
+    if isinstance(evaluator, str):
+        return resolve_evaluator(evaluator), evaluator
+    return evaluator, evaluator_spec(evaluator)
 
 
 def module_root(spec: str) -> str | None:
@@ -232,7 +167,7 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{text} [at {where}]" if where else text
 
 
-def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -> CandidateOutcome:
+def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -> EvaluationResult:
     """Evaluate ``task`` and normalise the result; never raises for the candidate's own failure.
 
     ``evaluator`` (a callable) overrides ``task.evaluator`` (a spec string); the in-process executor uses it
@@ -257,5 +192,5 @@ def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -
     except UserError:
         raise  # the user's mistake (unusable cache, unknown device): it would fail every candidate alike
     except Exception as exc:  # a candidate's failure is data, not a crash of the search
-        return failed_outcome(_describe_exception(exc), time.perf_counter() - start)
-    return outcome_from(result, time.perf_counter() - start)
+        return EvaluationResult.failure(_describe_exception(exc), time.perf_counter() - start)
+    return as_result(result, time.perf_counter() - start)

@@ -14,15 +14,21 @@ Failed candidates (NaN loss, out of memory, a bug in an op) are stored with ``st
 text and a penalty reward chosen by the loop, so the controller still learns to avoid them; ``"pruned"`` marks
 candidates stopped early by the running-average rule. Rewards must be finite (SQLite turns NaN into NULL).
 ``created_at`` is Unix time in seconds (UTC).
+
+A row is a :class:`CandidateRecord`: the evaluation record of :mod:`nasfcos.search.results`, stored as-is,
+plus the candidate's identity. The table has one column per field (tuples as JSON text), derived from the
+dataclass, so the schema cannot drift from the record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sqlite3
 import time
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,112 +36,143 @@ from pathlib import Path
 from typing import Any
 
 from nasfcos.errors import UserError
+from nasfcos.search.results import STATUSES, EvaluationResult
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "pruned")
+__all__ = ["SCHEMA_VERSION", "STATE_KEY", "STATUSES", "CandidateRecord", "ResultStore"]
+
+#: Version 2: one column per :class:`CandidateRecord` field (``early_stop_loss``, ``epochs_run``, ``seed`` and
+#: ``history`` added; version 1 kept the early-stop loss in meta ``early_stop_loss/<key>``). Version 1 stores
+#: are upgraded when opened for writing, and read through an upgraded in-memory copy when opened read-only.
+SCHEMA_VERSION = 2
 #: meta key under which :meth:`ResultStore.commit_step` keeps the serialized search state.
 STATE_KEY = "search_state"
 
-_COLUMNS = (
-    "key", "genotype_json", "actions_json", "reward", "loss_cls", "loss_reg", "loss_ctr", "ap", "gmacs",
-    "params", "wall_time_s", "status", "error", "controller_step", "created_at",
-)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS candidates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL UNIQUE,
-    genotype_json TEXT NOT NULL,
-    actions_json TEXT NOT NULL,
-    reward REAL NOT NULL,
-    loss_cls REAL,
-    loss_reg REAL,
-    loss_ctr REAL,
-    ap REAL,
-    gmacs REAL,
-    params INTEGER,
-    wall_time_s REAL,
-    status TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'pruned')),
-    error TEXT,
-    controller_step INTEGER,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS candidates_reward ON candidates (status, reward);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value
-);
-"""
-
-
-@dataclass(frozen=True)
-class CandidateResult:
-    """One evaluated candidate. ``id`` and ``created_at`` are filled in by the store."""
+@dataclass(frozen=True, kw_only=True)
+class CandidateRecord(EvaluationResult):
+    """One stored candidate: its :class:`EvaluationResult` (with a finite reward: a failed candidate carries
+    the loop's penalty) plus its identity. ``id`` and ``created_at`` are filled in by the store."""
 
     key: str
     genotype_json: str
     actions: tuple[int, ...]
     reward: float
-    loss_cls: float | None = None
-    loss_reg: float | None = None
-    loss_ctr: float | None = None
-    ap: float | None = None
-    gmacs: float | None = None
-    params: int | None = None
-    wall_time_s: float | None = None
-    status: str = "ok"
-    error: str | None = None
     controller_step: int | None = None
     id: int | None = field(default=None, compare=False)
     created_at: float | None = field(default=None, compare=False)
 
     @classmethod
-    def failed(
-        cls,
-        key: str,
-        genotype_json: str,
-        actions: Sequence[int],
-        error: str,
-        penalty: float,
-        **fields: Any,
-    ) -> CandidateResult:
+    def of(cls, key: str, genotype_json: str, actions: Sequence[int], result: EvaluationResult,
+           **identity: Any) -> CandidateRecord:
+        """The row of ``result`` (stored as-is) for the candidate ``key``."""
+        return cls(key=key, genotype_json=genotype_json, actions=tuple(int(a) for a in actions),
+                   **{**_fields_of(result), **identity})
+
+    @classmethod
+    def failed(cls, key: str, genotype_json: str, actions: Sequence[int], error: str, penalty: float,
+               **fields: Any) -> CandidateRecord:
         """A failed candidate: ``status="failed"``, the error text, and ``penalty`` as its reward."""
         return cls(key=key, genotype_json=genotype_json, actions=tuple(actions), reward=penalty,
                    status="failed", error=error, **fields)
 
-    @property
-    def loss_sum(self) -> float | None:
-        parts = (self.loss_cls, self.loss_reg, self.loss_ctr)
-        return None if any(p is None for p in parts) else sum(parts)  # type: ignore[arg-type]
+
+def _fields_of(result: EvaluationResult) -> dict[str, Any]:
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(EvaluationResult)}
 
 
-def _row_to_result(row: sqlite3.Row) -> CandidateResult:
-    return CandidateResult(
-        key=row["key"],
-        genotype_json=row["genotype_json"],
-        actions=tuple(json.loads(row["actions_json"])),
-        reward=row["reward"],
-        loss_cls=row["loss_cls"],
-        loss_reg=row["loss_reg"],
-        loss_ctr=row["loss_ctr"],
-        ap=row["ap"],
-        gmacs=row["gmacs"],
-        params=row["params"],
-        wall_time_s=row["wall_time_s"],
-        status=row["status"],
-        error=row["error"],
-        controller_step=row["controller_step"],
-        id=row["id"],
-        created_at=row["created_at"],
-    )
+# --------------------------------------------------------------------------------------------------------------
+# The schema, derived from CandidateRecord's fields
+# --------------------------------------------------------------------------------------------------------------
+
+_SQL_TYPES = {str: "TEXT", float: "REAL", int: "INTEGER", tuple: "TEXT"}  # tuples are stored as JSON text
 
 
-def _check_result(result: CandidateResult) -> None:
-    if result.status not in STATUSES:
-        raise ValueError(f"candidate {result.key}: status {result.status!r} is not one of {STATUSES}")
-    if not isinstance(result.reward, (int, float)) or not math.isfinite(result.reward):
+def _column_types() -> dict[str, tuple[str, bool]]:
+    """``name -> (SQL type, nullable)`` for every field but ``id`` (the store's own row id)."""
+    hints = typing.get_type_hints(CandidateRecord)
+    out = {}
+    for f in dataclasses.fields(CandidateRecord):
+        if f.name == "id":
+            continue
+        args = typing.get_args(hints[f.name])
+        nullable = type(None) in args
+        tp = next(a for a in args if a is not type(None)) if nullable else hints[f.name]
+        out[f.name] = (_SQL_TYPES[typing.get_origin(tp) or tp], nullable)
+    return out
+
+
+_TYPES = _column_types()
+_COLUMNS = tuple(_TYPES)
+_JSON_COLUMNS = frozenset(f.name for f in dataclasses.fields(CandidateRecord)
+                          if (typing.get_origin(typing.get_type_hints(CandidateRecord)[f.name]) is tuple))
+_CONSTRAINTS = {"key": "UNIQUE", "status": "CHECK (status IN ({}))".format(", ".join(f"'{s}'" for s in STATUSES))}
+
+_SCHEMA = "\n".join([
+    "CREATE TABLE IF NOT EXISTS candidates (",
+    "    id INTEGER PRIMARY KEY AUTOINCREMENT,",
+    ",\n".join(f"    {name} {sql}{'' if nullable else ' NOT NULL'} {_CONSTRAINTS.get(name, '')}".rstrip()
+               for name, (sql, nullable) in _TYPES.items()),
+    ");",
+    "CREATE INDEX IF NOT EXISTS candidates_reward ON candidates (status, reward);",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);",
+])
+
+#: Version 1 column names that differ from version 2's.
+_V1_NAMES = {"actions": "actions_json"}
+_V1_EARLY_STOP_PREFIX = "early_stop_loss/"
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Rebuild a version-1 ``candidates`` table with today's columns (inside the caller's transaction):
+    renamed columns are copied, the early-stop losses move from meta into their rows, new columns are empty."""
+    old = {row[1] for row in conn.execute("PRAGMA table_info(candidates)")}
+    conn.execute("ALTER TABLE candidates RENAME TO candidates_v1")
+    conn.execute("DROP INDEX IF EXISTS candidates_reward")
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    sources = []
+    for name in _COLUMNS:
+        if name == "early_stop_loss":
+            sources.append(f"(SELECT value FROM meta WHERE meta.key = '{_V1_EARLY_STOP_PREFIX}' || c.key)")
+        elif _V1_NAMES.get(name, name) in old:
+            sources.append(f"c.{_V1_NAMES.get(name, name)}")
+        else:
+            sources.append("'[]'" if name in _JSON_COLUMNS else "NULL")
+    conn.execute(f"INSERT INTO candidates (id, {', '.join(_COLUMNS)}) SELECT c.id, {', '.join(sources)} "
+                 "FROM candidates_v1 AS c ORDER BY c.id")
+    conn.execute("DROP TABLE candidates_v1")
+    conn.execute("DELETE FROM meta WHERE key LIKE ?", (_V1_EARLY_STOP_PREFIX + "%",))
+
+
+def _json_number(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _to_sql(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _JSON_COLUMNS:
+        return json.dumps(list(value), default=_json_number)
+    sql = _TYPES[name][0]
+    return int(value) if sql == "INTEGER" else float(value) if sql == "REAL" else str(value)
+
+
+def _row_to_record(row: sqlite3.Row) -> CandidateRecord:
+    values = {name: row[name] for name in _COLUMNS}
+    for name in _JSON_COLUMNS:
+        values[name] = tuple(json.loads(values[name]))
+    return CandidateRecord(id=row["id"], **values)
+
+
+def _check_record(record: CandidateRecord) -> None:
+    if record.status not in STATUSES:
+        raise ValueError(f"candidate {record.key}: status {record.status!r} is not one of {STATUSES}")
+    if not isinstance(record.reward, (int, float)) or not math.isfinite(record.reward):
         raise ValueError(
-            f"candidate {result.key}: reward must be a finite number (got {result.reward!r}); "
+            f"candidate {record.key}: reward must be a finite number (got {record.reward!r}); "
             "record a failed candidate with a finite penalty instead"
         )
 
@@ -160,6 +197,9 @@ class ResultStore:
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise UserError(f"{self.path}: not a nasfcos results store ({exc})") from None
+        except BaseException:
+            self._conn.close()
+            raise
 
     def _initialise(self) -> None:
         conn = self._conn
@@ -172,14 +212,33 @@ class ResultStore:
         if self.readonly:
             if version == 0:
                 raise UserError(f"{self.path}: not a nasfcos results store (no schema)")
+            if version < SCHEMA_VERSION:  # read an upgraded copy; the file is left as it is
+                memory = sqlite3.connect(":memory:", isolation_level=None)
+                conn.backup(memory)
+                conn.close()
+                self._conn = conn = memory
+                conn.row_factory = sqlite3.Row
+                self._upgrade(conn, version)
             return
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        with self._transaction():
+        self._upgrade(conn, version)
+
+    @staticmethod
+    def _upgrade(conn: sqlite3.Connection, version: int) -> None:
+        """Create the schema (``version`` 0) or migrate an older one, in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if version == 1:
+                _migrate_v1(conn)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,28 +267,25 @@ class ResultStore:
     # ------------------------------------------------------------------ writes
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, result: CandidateResult, now: float) -> bool:
-        _check_result(result)
-        values = (
-            result.key, result.genotype_json, json.dumps([int(a) for a in result.actions]), float(result.reward),
-            result.loss_cls, result.loss_reg, result.loss_ctr, result.ap, result.gmacs,
-            None if result.params is None else int(result.params), result.wall_time_s, result.status,
-            result.error, result.controller_step, now if result.created_at is None else result.created_at,
-        )
+    def _insert(conn: sqlite3.Connection, record: CandidateRecord, now: float) -> bool:
+        _check_record(record)
+        values = [_to_sql(name, getattr(record, name)) for name in _COLUMNS]
+        if record.created_at is None:
+            values[_COLUMNS.index("created_at")] = now
         cursor = conn.execute(
             f"INSERT OR IGNORE INTO candidates ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
             values,
         )
         return cursor.rowcount == 1
 
-    def add(self, result: CandidateResult) -> bool:
+    def add(self, record: CandidateRecord) -> bool:
         """Store one result in its own transaction; returns False (and changes nothing) if the key exists."""
         with self._transaction() as conn:
-            return self._insert(conn, result, time.time())
+            return self._insert(conn, record, time.time())
 
     def commit_step(
         self,
-        results: Iterable[CandidateResult],
+        results: Iterable[CandidateRecord],
         state_blob: bytes | None = None,
         meta: dict[str, Any] | None = None,
     ) -> list[bool]:
@@ -273,9 +329,9 @@ class ResultStore:
         """The search state last written by :meth:`commit_step` (``None`` for a fresh store)."""
         return self.get_meta(STATE_KEY)
 
-    def get(self, key: str) -> CandidateResult | None:
+    def get(self, key: str) -> CandidateRecord | None:
         row = self._conn.execute("SELECT * FROM candidates WHERE key = ?", (key,)).fetchone()
-        return None if row is None else _row_to_result(row)
+        return None if row is None else _row_to_record(row)
 
     def __contains__(self, key: object) -> bool:
         return self._conn.execute("SELECT 1 FROM candidates WHERE key = ?", (key,)).fetchone() is not None
@@ -291,19 +347,19 @@ class ResultStore:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         return self._conn.execute("SELECT COUNT(*) FROM candidates WHERE status = ?", (status,)).fetchone()[0]
 
-    def top_k(self, k: int, status: str | None = "ok") -> list[CandidateResult]:
+    def top_k(self, k: int, status: str | None = "ok") -> list[CandidateRecord]:
         """The ``k`` best candidates by reward (highest first; ties: earliest first); only ``ok`` by default."""
         where, args = ("WHERE status = ?", (status,)) if status is not None else ("", ())
         rows = self._conn.execute(
             f"SELECT * FROM candidates {where} ORDER BY reward DESC, id ASC LIMIT ?", (*args, int(k))
         ).fetchall()
-        return [_row_to_result(row) for row in rows]
+        return [_row_to_record(row) for row in rows]
 
-    def all(self, status: str | None = None) -> list[CandidateResult]:
+    def all(self, status: str | None = None) -> list[CandidateRecord]:
         """Every candidate in insertion order."""
         where, args = ("WHERE status = ?", (status,)) if status is not None else ("", ())
         rows = self._conn.execute(f"SELECT * FROM candidates {where} ORDER BY id ASC", args).fetchall()
-        return [_row_to_result(row) for row in rows]
+        return [_row_to_record(row) for row in rows]
 
     def rewards_in_order(self, status: str | None = None) -> list[float]:
         """Rewards in insertion order (the search's learning curve); failures included unless filtered."""

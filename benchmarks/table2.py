@@ -30,17 +30,11 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from nasfcos.analysis.profile import (  # noqa: E402
-    BackboneDecoder,
-    build_backbone_decoder,
-    count_macs,
-    format_markdown_table,
-    parse_size,
-    profile,
-    profile_parts,
-)
+from nasfcos.analysis.profile import format_markdown_table, parse_size, profile, profile_parts  # noqa: E402
+from nasfcos.detection.detector import FCOSDetector, build_detector  # noqa: E402
 from nasfcos.io import atomic_write_json  # noqa: E402
 from nasfcos.nn.backbones import build_backbone  # noqa: E402
+from nasfcos.nn.cost import count_macs  # noqa: E402
 
 BACKBONE_NAMES = {
     "MobileNetV2": "mobilenet_v2",
@@ -96,8 +90,8 @@ class RetinaNetDecoder(nn.Module):
 def build_row_model(arch: str, backbone: str, num_classes: int) -> nn.Module:
     if arch == "retinanet":
         net = build_backbone(backbone)
-        return BackboneDecoder(net, RetinaNetDecoder(net.out_channels, num_classes))
-    return build_backbone_decoder(arch, backbone=backbone, num_classes=num_classes)
+        return FCOSDetector(net, RetinaNetDecoder(net.out_channels, num_classes), num_classes)
+    return build_detector(arch, backbone=backbone, num_classes=num_classes)
 
 
 def dcn_as_plain_conv_macs(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
@@ -118,7 +112,7 @@ def dcn_as_plain_conv_macs(model: nn.Module, size: tuple[int, int]) -> tuple[int
             handles.append(module.register_forward_hook(hook))
     x = torch.empty(1, 3, *size, device="meta")
     with torch.no_grad(), count_macs(meta_model) as macs:
-        meta_model(x)
+        meta_model.forward_raw(x)
     for handle in handles:
         handle.remove()
     whole = sum(macs.values())
@@ -152,7 +146,7 @@ def hypotheses(size: tuple[int, int], num_classes: int) -> tuple[list[str], list
         row: list[Any] = [label]
         for (fpn_width, head_width), (paper_params, paper_gflops) in paper.items():
             decoder = Decoder(genotype, net.out_channels, num_classes, fpn_width, head_width, concat=concat)
-            whole = profile_parts(BackboneDecoder(net, decoder), size, meta=True)["whole"]
+            whole = profile_parts(FCOSDetector(net, decoder, num_classes), size, meta=True)["whole"]
             row.append(
                 f"{whole['params_m']:.1f} ({diff(whole['params_m'], paper_params)}) / "
                 f"{whole['gmacs']:.1f} ({diff(whole['gmacs'], paper_gflops)})"

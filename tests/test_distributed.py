@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from nasfcos.errors import UserError
 from nasfcos.train import distributed as D
-from nasfcos.train.logging import ProgressBar, RunLogger, format_eta, format_scalars, read_log
+from nasfcos.logs import ProgressBar, RunLogger, format_eta, format_scalars, read_log
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from nasfcos.errors import UserError
-from nasfcos.train.evaluate import (
+from nasfcos.data.coco_eval import (
     STAT_NAMES,
     coco_evaluate,
     detections_to_coco,

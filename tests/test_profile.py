@@ -10,13 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nasfcos.analysis.profile import (
-    BackboneDecoder,
-    build_backbone_decoder,
-    parse_size,
-    profile,
-    profile_parts,
-)
+from nasfcos.analysis.profile import parse_size, profile, profile_parts
+from nasfcos.detection.detector import build_detector
 from nasfcos.cli import main
 from nasfcos.errors import UserError
 
@@ -141,7 +136,7 @@ def test_default_forward_prefers_forward_raw_then_backbone_decoder() -> None:
 
 
 def test_parts_add_up_and_meta_equals_real() -> None:
-    model = build_backbone_decoder("nas-fcos@32", backbone="resnet18", num_classes=3)
+    model = build_detector("nas-fcos@32", backbone="resnet18", num_classes=3)
     real = profile_parts(model, size=(64, 64))
     meta = profile_parts(model, size=(64, 64), meta=True)
     assert real == meta
@@ -154,7 +149,7 @@ def test_parts_add_up_and_meta_equals_real() -> None:
 
 def test_fpn_fcos_resnet50_matches_table2_scale() -> None:
     """Table 2: FPN-FCOS @256, R-50, 1088x800: 32.0M params, 169.9 GFLOPs (= GMACs)."""
-    model = build_backbone_decoder("fpn-fcos", backbone="resnet50", num_classes=80)
+    model = build_detector("fpn-fcos", backbone="resnet50", num_classes=80)
     result = profile(model, size=(800, 1088), meta=True)
     assert abs(result["params"] / 32.0e6 - 1) < 0.03
     assert abs(result["gmacs"] / 169.9 - 1) < 0.10
@@ -170,10 +165,15 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
-def test_backbone_decoder_wrapper() -> None:
-    model = BackboneDecoder(nn.Identity(), nn.Identity())
-    x = torch.randn(1, 3, 4, 4)
-    assert torch.equal(model(x), x) and torch.equal(model.forward_raw(x), x)
+def test_detector_forward_raw_is_backbone_then_decoder() -> None:
+    """What the profiler counts for a detector: backbone + decoder, no pre/post-processing."""
+    torch.manual_seed(0)
+    model = build_detector("fpn-fcos", backbone="resnet18", num_classes=3, fpn_width=16, head_width=16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        raw, direct = model.forward_raw(x), model.decoder(model.backbone(x))
+    for ours, reference in zip(raw, direct):
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference))
 
 
 def test_profile_command_prints_table_and_writes_json(tmp_path, capsys) -> None:

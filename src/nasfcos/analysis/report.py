@@ -579,14 +579,10 @@ def _draw_examples(rep: _Report, model_entry: Mapping[str, Any], data: Mapping[s
 
     from nasfcos.analysis.plots import plot_example_detections
     from nasfcos.data.coco import read_coco
+    from nasfcos.nn.device import resolve_device
     from nasfcos.train.trainer import load_trained_model
 
-    try:
-        target = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device: unknown device (got {device!r}); expected cpu, cuda or cuda:N") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {device!r} requested but CUDA is not available on this machine")
+    target = resolve_device(device)
     val_json = rep.root / str(data["val_json"])
     image_root = rep.root / str(data["val_images"]) if isinstance(data.get("val_images"), str) else None
     dataset = read_coco(val_json, image_root)

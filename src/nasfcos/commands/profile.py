@@ -62,42 +62,32 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _device(name: str) -> Any:
-    import torch
+    from nasfcos.nn.device import resolve_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device (got {name!r}); expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {name!r} requested but CUDA is not available on this machine")
-    return device
+    return resolve_device(name, field="--device")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the network, count, optionally time, print a markdown table (and write JSON)."""
-    from nasfcos.analysis.profile import (
-        build_backbone_decoder,
-        format_markdown_table,
-        profile,
-        profile_parts,
-        resolve_arch_widths,
-    )
+    from nasfcos.analysis.profile import format_markdown_table, profile, profile_parts
+    from nasfcos.detection.detector import build_detector
     from nasfcos.io import atomic_write_json
 
     size = _check_args(args)
     device = _device(args.device) if args.latency else None
-    _, preset_fpn, preset_head, preset_concat = resolve_arch_widths(args.arch)
-    fpn_width = args.fpn_width if args.fpn_width is not None else preset_fpn
-    head_width = args.head_width if args.head_width is not None else preset_head
-    model = build_backbone_decoder(
+    # The widths follow DetectorSpec's precedence: --fpn-width/--head-width, else the arch's @ suffix, else the
+    # preset's; a flag that contradicts the suffix is a UserError.
+    model = build_detector(
         args.arch,
         backbone=args.backbone,
         num_classes=args.num_classes,
-        fpn_width=fpn_width,
-        head_width=head_width,
+        fpn_width=args.fpn_width,
+        head_width=args.head_width,
         fcos=args.fcos,
-        concat=args.concat if args.concat is not None else preset_concat,
+        concat=args.concat,
+        labels={"fpn_width": "--fpn-width", "head_width": "--head-width"},
     )
+    fpn_width, head_width = model.spec.fpn_width, model.spec.head_width
     parts = profile_parts(model, size, meta=True)
     timing: dict[str, Any] | None = None
     if args.latency:

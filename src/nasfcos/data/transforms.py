@@ -29,8 +29,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Generator, Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from nasfcos.space.ops import IMAGENET_MEAN, IMAGENET_STD
+
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)  # BGR order, 0..255 pixels
 
 Target = dict[str, Any]

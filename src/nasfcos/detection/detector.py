@@ -22,16 +22,14 @@ from torch import Tensor, nn
 from nasfcos.detection.losses import fcos_losses
 from nasfcos.detection.points import flatten_levels, level_points
 from nasfcos.detection.postprocess import postprocess
+from nasfcos.detection.spec import DetectorSpec
 from nasfcos.detection.targets import DEFAULT_RANGES, assign_targets_batch
 from nasfcos.errors import UserError
 from nasfcos.nn.backbones import Backbone, build_backbone
 from nasfcos.nn.decoder import Decoder, HeadOutputs
+from nasfcos.space.ops import FCOS_MODES, IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["FCOSDetector", "build_detector", "IMAGENET_MEAN", "IMAGENET_STD", "FCOS_MODES"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FCOS_MODES = ("vanilla", "improved")
+__all__ = ["DetectorSpec", "FCOSDetector", "build_detector", "IMAGENET_MEAN", "IMAGENET_STD", "FCOS_MODES"]
 
 
 class FCOSDetector(nn.Module):
@@ -89,6 +87,7 @@ class FCOSDetector(nn.Module):
         self.pre_nms_top_n = pre_nms_top_n
         self.detections_per_img = detections_per_img
         self.regress_ranges = tuple(tuple(r) for r in regress_ranges)
+        self.spec: DetectorSpec | None = None  # set by build_detector: what to save with the weights
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -215,65 +214,55 @@ class FCOSDetector(nn.Module):
         return self.detect(outputs, sizes, scales, originals)
 
 
-def build_detector(
-    arch: Any,
-    backbone: str = "resnet50",
-    num_classes: int = 80,
-    fpn_width: int | None = None,
-    head_width: int | None = None,
-    fcos: str = "vanilla",
-    pretrained: str | Path | None = None,
-    *,
-    concat: str | None = None,
-    freeze_at: int = 2,
-    frozen_bn: bool = True,
-    min_size: int | Sequence[int] | None = 800,
-    max_size: int = 1333,
-    size_divisible: int = 32,
-    **detector_kwargs: Any,
-) -> FCOSDetector:
-    """Assemble a complete FCOS detector.
+def build_detector(arch: DetectorSpec | Any, *, pretrained: str | Path | None = None, **options: Any) -> FCOSDetector:
+    """Assemble a complete FCOS detector from a :class:`~nasfcos.detection.spec.DetectorSpec`.
+
+    ``build_detector(spec)`` builds exactly what ``spec`` describes (how ``nasfcos eval`` and ``predict``
+    rebuild a trained model). ``build_detector(arch, **options)`` is shorthand for
+    ``build_detector(DetectorSpec.resolve(arch, **options))``:
 
     Args:
         arch: a preset name (``nasfcos.PRESETS``, optionally with widths: ``"nas-fcos@128-256"``), a path to a
             genotype JSON file, or a ``Genotype``.
-        backbone: ``resnet18``, ``resnet50``, ``resnet101``, ``resnext101_32x4d`` or ``mobilenet_v2``.
-        num_classes: number of object classes.
-        fpn_width, head_width: decoder widths; ``None`` takes the preset's (256 for a bare genotype).
-        fcos: ``"vanilla"`` or ``"improved"``.
+        options: any :class:`DetectorSpec` field: ``backbone`` (``resnet18``, ``resnet50``, ``resnet101``,
+            ``resnext101_32x4d``, ``mobilenet_v2``), ``num_classes``, ``fpn_width``/``head_width`` (``None``:
+            the arch's suffix or preset; an explicit width that contradicts the suffix is a ``UserError``),
+            ``fcos``, ``concat``, ``freeze_at``/``frozen_bn``, ``min_size``/``test_min_size``/``max_size``/
+            ``size_divisible`` (resizing and padding done by the model) and the inference settings
+            ``score_thresh``, ``nms_thresh``, ``pre_nms_top_n``, ``detections_per_img``.
         pretrained: local ImageNet weights file for the backbone (torchvision or timm format); nothing is
-            downloaded.
-        concat: ``"grouped"`` (released) or ``"dense"`` (paper) 1x1 after concatenation; ``None`` takes the
-            preset's (``"grouped"`` for a bare genotype).
-        freeze_at, frozen_bn: backbone freezing as FCOS training does (stem + first stage, frozen BN).
-        min_size, max_size, size_divisible: input resizing and padding done by the model.
+            downloaded. Not part of the spec: a trained model's weights replace it.
     """
-    from nasfcos.space.presets import resolve_preset
-
-    preset = resolve_preset(arch)  # a bare genotype gets the defaults: 256 / 256 / grouped
-    genotype = preset.genotype.validate()
-    fpn_width = fpn_width or preset.fpn_width
-    head_width = head_width or preset.head_width
-    concat = concat or preset.concat
-    if int(num_classes) < 1:
-        raise UserError(f"num_classes: must be >= 1 (got {num_classes})")
-    body = build_backbone(backbone, weights=pretrained, freeze_at=freeze_at, frozen_bn=frozen_bn)
+    if isinstance(arch, DetectorSpec):
+        if options:
+            raise TypeError(f"build_detector: give a DetectorSpec or an arch with options, not both "
+                            f"(got {', '.join(sorted(options))})")
+        spec = arch
+    else:
+        spec = DetectorSpec.resolve(arch, **options)
+    body = build_backbone(spec.backbone, weights=pretrained, freeze_at=spec.freeze_at, frozen_bn=spec.frozen_bn)
     decoder = Decoder(
-        genotype,
+        spec.genotype,
         body.out_channels,
-        num_classes,
-        fpn_width=fpn_width,
-        head_width=head_width,
-        fcos=fcos,
-        concat=concat,
+        spec.num_classes,
+        fpn_width=spec.fpn_width,
+        head_width=spec.head_width,
+        fcos=spec.fcos,
+        concat=spec.concat,
     )
-    return FCOSDetector(
+    detector = FCOSDetector(
         body,
         decoder,
-        num_classes,
-        fcos=fcos,
-        min_size=min_size,
-        max_size=max_size,
-        size_divisible=size_divisible,
-        **detector_kwargs,
+        spec.num_classes,
+        fcos=spec.fcos,
+        min_size=spec.min_size,
+        max_size=spec.max_size,
+        size_divisible=spec.size_divisible,
+        test_min_size=spec.test_min_size,
+        score_thresh=spec.score_thresh,
+        nms_thresh=spec.nms_thresh,
+        pre_nms_top_n=spec.pre_nms_top_n,
+        detections_per_img=spec.detections_per_img,
     )
+    detector.spec = spec
+    return detector

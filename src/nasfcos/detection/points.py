@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from nasfcos.space.ops import PYRAMID_STRIDES
+
 __all__ = ["level_points", "flatten_levels", "DEFAULT_STRIDES"]
 
-DEFAULT_STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
-"""Strides of pyramid levels P3..P7."""
+DEFAULT_STRIDES: tuple[int, ...] = PYRAMID_STRIDES
+"""Strides of pyramid levels P3..P7 (:data:`nasfcos.space.ops.PYRAMID_STRIDES`)."""
 
 
 def level_points(

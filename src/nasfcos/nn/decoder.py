@@ -16,10 +16,11 @@ from nasfcos.nn.heads import FCOSHead
 from nasfcos.nn.ops import init_convs_
 from nasfcos.space.genotype import Genotype
 from nasfcos.space.genotype import PlainFPN as PlainFPNGenotype
+from nasfcos.space.ops import NUM_LEVELS, PYRAMID_STRIDES
 
 __all__ = ["HeadOutputs", "Decoder", "build_fpn"]
 
-DEFAULT_STRIDES = (8, 16, 32, 64, 128)
+DEFAULT_STRIDES = PYRAMID_STRIDES
 
 
 class HeadOutputs(NamedTuple):
@@ -69,8 +70,8 @@ class Decoder(nn.Module):
         for field, value in (("fpn_width", fpn_width), ("head_width", head_width)):
             if int(value) < 2 or int(value) % 2:
                 raise UserError(f"{field}: must be an even number >= 2 (got {value}); deformable convs use 2 groups")
-        if len(strides) != 5:
-            raise UserError(f"strides: the pyramid has 5 levels P3..P7 (got {len(strides)} strides)")
+        if len(strides) != NUM_LEVELS:
+            raise UserError(f"strides: the pyramid has {NUM_LEVELS} levels P3..P7 (got {len(strides)} strides)")
         if not isinstance(genotype, Genotype):
             raise UserError(f"genotype: expected a nasfcos.Genotype (got {type(genotype).__name__})")
         genotype.validate(num_levels=len(strides))

@@ -20,10 +20,12 @@ from nasfcos.errors import UserError
 from nasfcos.nn.deform import ModulatedDeformConv2d
 from nasfcos.nn.ops import build_aggregation, build_fpn_op, init_convs_, match_sizes, resize_to
 from nasfcos.space.genotype import FPNCell, FPNOutputs, fpn_outputs
+from nasfcos.space.ops import BACKBONE_FEATURES, PLAIN_FPN_CONVS
+from nasfcos.space.pools import fpn_live_entries
 
 __all__ = ["BACKBONE_KEYS", "SearchedFPN", "PlainFPN", "LastLevelsP6P7", "fpn_outputs_of"]
 
-BACKBONE_KEYS = ("c2", "c3", "c4", "c5")
+BACKBONE_KEYS = BACKBONE_FEATURES
 """The initial FPN pool, in pool-index order (FACTS 2: pool 0 = C2 .. 3 = C5)."""
 
 
@@ -100,19 +102,7 @@ class SearchedFPN(nn.Module):
         self.dangling = tuple(int(i) for i in out.dangling)
 
         num_inputs = len(BACKBONE_KEYS)
-        used: set[int] = set()
-        stack = [self.p5_index, self.p4_index, self.p3_index, *self.dangling]
-        while stack:
-            index = stack.pop()
-            if index in used:
-                continue
-            if not 0 <= index < num_inputs + len(cells):
-                raise UserError(f"fpn: pool index {index} out of range (pool has {num_inputs + len(cells)} entries)")
-            used.add(index)
-            if index >= num_inputs:
-                cell = cells[index - num_inputs]
-                stack.extend([int(cell.in1), int(cell.in2)])
-        self.used = tuple(sorted(used))
+        self.used = fpn_live_entries(cells, out)
 
         used_keys = [BACKBONE_KEYS[i] for i in self.used if i < num_inputs]
         _check_in_channels(in_channels, used_keys)
@@ -160,7 +150,7 @@ class PlainFPN(nn.Module):
     (Deformable-FPN-FCOS). P6 comes from the P5 *output* (FCOS v1, ``use_P5``), P7 from ReLU(P6).
     """
 
-    CONVS = ("conv3x3", "dcn3x3")
+    CONVS = PLAIN_FPN_CONVS
 
     def __init__(self, in_channels: Mapping[str, int], width: int, conv: str = "conv3x3") -> None:
         super().__init__()

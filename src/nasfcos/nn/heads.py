@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from nasfcos.errors import UserError
 from nasfcos.nn.ops import build_aggregation, build_head_op, init_convs_
 from nasfcos.space.genotype import CellHead, HeadCell, SequentialHead
+from nasfcos.space.ops import FCOS_MODES, PYRAMID_STRIDES, head_pool_size
+from nasfcos.space.pools import cell_head_live_entries, head_cell_entries, head_output_index
 
 __all__ = [
     "FCOS_MODES",
@@ -41,9 +43,6 @@ __all__ = [
     "FCOSPredictor",
     "FCOSHead",
 ]
-
-FCOS_MODES = ("vanilla", "improved")
-
 
 def _check_share_from(share_from: Sequence[int], num_levels: int, num_layers: int, field: str) -> tuple[int, ...]:
     share = tuple(int(s) for s in share_from)
@@ -133,26 +132,16 @@ class CellHeadModule(nn.Module):
         self.num_levels = num_levels
         self.share_from = _check_share_from(head.share_from, num_levels, len(cells) + 1, "head.share_from")
         self.inputs: list[tuple[int, int]] = []
-        for t, cell in enumerate(cells, start=1):
-            size = 3 * t - 1
+        for t, cell in enumerate(cells):
+            size = head_pool_size(t)
             in1, in2 = int(cell.in1), int(cell.in2)
             if not (0 <= in1 < size and 0 <= in2 < size):
                 raise UserError(
-                    f"head.cells[{t - 1}]: input index out of range (got {in1}, {in2}); expected 0..{size - 1}"
+                    f"head.cells[{t}]: input index out of range (got {in1}, {in2}); expected 0..{size - 1}"
                 )
             self.inputs.append((in1, in2))
-        self.output_index = 3 * len(cells) + 1
-        needed = {self.output_index}
-        for t in range(len(cells), 0, -1):
-            op1_i, op2_i, agg_i = 3 * t - 1, 3 * t, 3 * t + 1
-            if agg_i in needed:
-                needed.update((op1_i, op2_i))
-            in1, in2 = self.inputs[t - 1]
-            if op1_i in needed:
-                needed.add(in1)
-            if op2_i in needed:
-                needed.add(in2)
-        self.needed = frozenset(needed)
+        self.output_index = head_output_index(len(cells))
+        self.needed = needed = cell_head_live_entries(head)
 
         def build_op0() -> nn.Module:
             return build_head_op(head.op0, channels)
@@ -161,25 +150,26 @@ class CellHeadModule(nn.Module):
             return lambda: _HeadCellModule(cell, channels, concat, *flags)
 
         layers: list[SharedLayer | None] = [_layer(build_op0, 0, self.share_from) if 1 in needed else None]
-        for t, cell in enumerate(cells, start=1):
-            flags = (3 * t - 1 in needed, 3 * t in needed, 3 * t + 1 in needed)
-            layers.append(_layer(cell_factory(cell, flags), t, self.share_from) if any(flags) else None)
+        for t, cell in enumerate(cells):
+            flags = tuple(index in needed for index in head_cell_entries(t))
+            layers.append(_layer(cell_factory(cell, flags), t + 1, self.share_from) if any(flags) else None)
         self.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(layers) if layer is not None})
 
     def _forward_level(self, level: int, p: Tensor) -> Tensor:
         pool: dict[int, Tensor] = {0: p}
         if "0" in self.layers:
             pool[1] = self.layers["0"].for_level(level)(p)
-        for t, (in1, in2) in enumerate(self.inputs, start=1):
-            if str(t) not in self.layers:
+        for t, (in1, in2) in enumerate(self.inputs):
+            if str(t + 1) not in self.layers:
                 continue
-            cell: _HeadCellModule = self.layers[str(t)].for_level(level)
+            cell: _HeadCellModule = self.layers[str(t + 1)].for_level(level)
+            o1, o2, agg = head_cell_entries(t)
             if cell.op1 is not None:
-                pool[3 * t - 1] = cell.op1(pool[in1])
+                pool[o1] = cell.op1(pool[in1])
             if cell.op2 is not None:
-                pool[3 * t] = cell.op2(pool[in2])
+                pool[o2] = cell.op2(pool[in2])
             if cell.agg is not None:
-                pool[3 * t + 1] = cell.agg(pool[3 * t - 1], pool[3 * t])
+                pool[agg] = cell.agg(pool[o1], pool[o2])
         return pool[self.output_index]
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
@@ -265,7 +255,7 @@ class FCOSHead(nn.Module):
         num_levels: int = 5,
         fcos: str = "vanilla",
         prior_prob: float = 0.01,
-        strides: Sequence[int] = (8, 16, 32, 64, 128),
+        strides: Sequence[int] = PYRAMID_STRIDES,
         concat: str = "grouped",
     ) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from nasfcos.errors import UserError
 from nasfcos.nn.deform import ModulatedDeformConv2d
+from nasfcos.space.ops import CONCAT_MODES
 
 __all__ = [
     "FPN_OP_NAMES",
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 NORMS = ("bn", "gn")
-CONCAT_MODES = ("grouped", "dense")
 
 # (kernel size, dilation) of the separable convs; padding keeps the size: dilation * (k - 1) / 2.
 _SEP_SPECS: dict[str, tuple[int, int]] = {"sep3x3": (3, 1), "sep3x3_d3": (3, 3), "sep5x5_d6": (5, 6)}

@@ -1,10 +1,14 @@
-"""Operation-name tables of the NAS-FCOS search space, in the authors' released integer order.
+"""Operation-name tables of the NAS-FCOS search space (in the authors' released integer order) and the other
+architecture facts that the torch side, the data side and the search share.
 
 A genotype names its operations by readable strings (``"dcn3x3"``) rather than integers so that a JSON file
 or a log line can be read without a table at hand. The integer order below is still the released code's
 order: position ``i`` of each table is the integer ``i`` of the authors' genotype lists (FACTS 2), which is
 what :mod:`nasfcos.space.released` converts to and from. The torch side (``nasfcos.nn.ops``) builds modules
 from these same names; this module holds no torch code.
+
+Facts asked for instead of recomputed: the pyramid strides, the FCOS flavours, the concat flavours and the
+input normalisation (torch modules, the feature cache and the detector all read them from here).
 """
 
 from __future__ import annotations
@@ -38,9 +42,22 @@ BACKBONE_FEATURES: tuple[str, ...] = ("c2", "c3", "c4", "c5")
 BACKBONE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 NUM_BACKBONE_FEATURES: int = len(BACKBONE_FEATURES)
 
-# Pyramid levels P3..P7: one head share index per level.
+# Pyramid levels P3..P7: one head share index per level, and their strides in input pixels.
 LEVEL_NAMES: tuple[str, ...] = ("P3", "P4", "P5", "P6", "P7")
 NUM_LEVELS: int = len(LEVEL_NAMES)
+PYRAMID_STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
+
+# FCOS flavours (FACTS 4): "vanilla" is FCOS v1 as NAS-FCOS used it; "improved" adds centre sampling, GIoU and
+# the sqrt score.
+FCOS_MODES: tuple[str, ...] = ("vanilla", "improved")
+
+# How a concat aggregation is built: "grouped" is the released BN -> ReLU -> grouped 1x1 conv, "dense" the
+# paper's plain concatenation + full 1x1 conv.
+CONCAT_MODES: tuple[str, ...] = ("grouped", "dense")
+
+# Input normalisation of torchvision's ImageNet weights, for RGB images in [0, 1].
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # The paper's head pool starts with {p, o0} and every head cell appends (o1, o2, a).
 HEAD_POOL_START: int = 2
@@ -63,6 +80,11 @@ def fpn_pool_size(cell: int) -> int:
 def head_pool_size(cell: int) -> int:
     """Number of entries head cell ``cell`` (0-based) can read from: p, o0 and 3 entries per earlier cell."""
     return HEAD_POOL_START + HEAD_POOL_PER_CELL * cell
+
+
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (JSON and YAML readers hand both)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def one_of(names: tuple[str, ...] | frozenset[str]) -> str:

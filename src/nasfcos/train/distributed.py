@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nasfcos.errors import UserError
+from nasfcos.nn.device import resolve_device
 
 __all__ = [
     "DistInfo",
@@ -86,32 +87,6 @@ def _env_int(name: str, default: int | None) -> int:
         return int(raw)
     except ValueError:
         raise UserError(f"environment: {name} must be an integer (got {raw!r})") from None
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; checks that what is asked exists."""
-    text = name.strip().lower()
-    if text == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise UserError("device: 'mps' requested but the MPS backend is not available")
-        return torch.device("mps")
-    if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device: {name!r} requested but CUDA is not available; use --set runtime.device=cpu")
-        index = local_rank
-        if text.startswith("cuda:"):
-            try:
-                index = int(text.split(":", 1)[1])
-            except ValueError:
-                raise UserError(f"device: malformed device {name!r}; expected cuda:N") from None
-        if not 0 <= index < torch.cuda.device_count():
-            raise UserError(f"device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-        return torch.device(f"cuda:{index}")
-    raise UserError(f"device: unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
 
 
 def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from nasfcos.data.loader import DetectionDataset
 from nasfcos.data.records import DetectionSet
-from nasfcos.train.evaluate import coco_evaluate, detections_to_coco
+from nasfcos.data.coco_eval import coco_evaluate, detections_to_coco
 
 __all__ = ["list_collate", "predict_dataset", "evaluate_model"]
 

@@ -6,6 +6,11 @@ from 1/3 over 500 iterations, steps at 60k/80k of 90k, backbone stem + first sta
 written atomically; ``resume=True`` continues from the newest checkpoint with exactly the batches not yet
 seen (:class:`~nasfcos.train.sampler.EpochBatchSampler`). Under ``torchrun`` each rank trains on its shard with
 DistributedDataParallel (gloo on CPU, NCCL on GPU).
+
+The detector is built from one :class:`~nasfcos.detection.spec.DetectorSpec` resolved from the config (its
+width rules are documented there: an ``@W`` suffix that contradicts ``model.fpn_width`` is an error), and that
+spec is what ``model_final.pt`` and every checkpoint carry (:mod:`nasfcos.detection.weights`), so
+:func:`load_trained_model` rebuilds the model exactly, inference settings included.
 """
 
 from __future__ import annotations
@@ -21,23 +26,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nasfcos.config import TrainConfig, dump_config
+from nasfcos.data.coco_eval import save_detections, save_metrics
 from nasfcos.data.loader import DetectionDataset
 from nasfcos.data.records import DetectionSet
 from nasfcos.data.sources import load_split
 from nasfcos.data.transforms import Compose, RandomHorizontalFlip
-from nasfcos.detection.detector import FCOSDetector, build_detector
+from nasfcos.detection.detector import build_detector
+from nasfcos.detection.spec import DetectorSpec
+from nasfcos.detection.weights import detector_payload, load_trained_model
 from nasfcos.errors import UserError
 from nasfcos.io import atomic_torch_save
+from nasfcos.logs import ProgressBar, RunLogger
 from nasfcos.train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
 from nasfcos.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, reduce_dict, seed_everything
 from nasfcos.train.engine import evaluate_model, list_collate
-from nasfcos.train.evaluate import save_detections, save_metrics
-from nasfcos.train.logging import ProgressBar, RunLogger
 from nasfcos.train.optim import build_optimizer_from_config
 from nasfcos.train.sampler import EpochBatchSampler
 from nasfcos.train.schedule import build_scheduler_from_config
 
-__all__ = ["TrainResult", "train", "model_meta", "build_model_from_meta", "load_trained_model", "FINAL_WEIGHTS"]
+__all__ = ["TrainResult", "train", "data_meta", "load_trained_model", "FINAL_WEIGHTS"]
 
 FINAL_WEIGHTS = "model_final.pt"
 
@@ -54,70 +61,13 @@ class TrainResult:
     model: nn.Module | None = None
 
 
-def model_meta(cfg: TrainConfig, train_set: DetectionSet, genotype_json: str) -> dict[str, Any]:
-    """Everything needed to rebuild the detector from its weights file alone (plain types: weights_only-safe)."""
+def data_meta(cfg: TrainConfig, train_set: DetectionSet) -> dict[str, Any]:
+    """What the weights file says about the data (the model itself is the spec): classes and the arch as written."""
     return {
-        "genotype": genotype_json,
-        "backbone": cfg.model.backbone,
-        "num_classes": int(cfg.model.num_classes or len(train_set.class_names)),
-        "fpn_width": cfg.model.fpn_width,
-        "head_width": cfg.model.head_width,
-        "fcos": cfg.model.fcos,
-        "concat": cfg.model.concat,
         "arch": cfg.model.arch,
         "class_names": list(train_set.class_names),
         "category_ids": [int(c) for c in train_set.category_ids],
-        "min_size": [int(s) for s in cfg.data.min_size],
-        "test_min_size": int(cfg.data.test_min_size),
-        "max_size": int(cfg.data.max_size),
-        "size_divisible": int(cfg.data.size_divisibility),
     }
-
-
-def build_model_from_meta(meta: dict[str, Any], **overrides: Any) -> FCOSDetector:
-    """The detector described by :func:`model_meta` (weights not loaded)."""
-    from nasfcos.space.genotype import Genotype
-    from nasfcos.space.presets import PRESETS
-
-    arch: Any = meta.get("arch")
-    if not (isinstance(arch, str) and arch in PRESETS):
-        arch = Genotype.from_json(meta["genotype"])
-    options = dict(
-        backbone=meta["backbone"],
-        num_classes=meta["num_classes"],
-        fpn_width=meta.get("fpn_width"),
-        head_width=meta.get("head_width"),
-        fcos=meta.get("fcos", "vanilla"),
-        concat=meta.get("concat"),
-        min_size=tuple(meta.get("min_size", (800,))),
-        test_min_size=meta.get("test_min_size"),
-        max_size=meta.get("max_size", 1333),
-        size_divisible=meta.get("size_divisible", 32),
-        frozen_bn=True,
-    )
-    options.update(overrides)
-    return build_detector(arch, **options)
-
-
-def load_trained_model(path: str | Path, **overrides: Any) -> tuple[FCOSDetector, dict[str, Any]]:
-    """Load ``model_final.pt`` (or a training checkpoint) written by :func:`train`; safe (weights_only)."""
-    from nasfcos.io import safe_torch_load
-
-    blob = safe_torch_load(path, "model weights")
-    if not isinstance(blob, dict) or "model" not in blob:
-        raise UserError(f"{path}: not a nasfcos model file (expected keys 'model' and 'meta')")
-    meta = blob.get("meta") or (blob.get("extra") or {}).get("meta")
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: the file has no model description ('meta'); was it written by nasfcos train?")
-    model = build_model_from_meta(meta, **overrides)
-    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise UserError(
-            f"{path}: weights do not match the described model ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected; first: {first})"
-        )
-    return model, meta
 
 
 def _train_transforms(cfg: TrainConfig) -> Compose:
@@ -157,27 +107,9 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
     num_classes = int(cfg.model.num_classes or len(train_set.class_names))
     cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
 
-    model = build_detector(
-        cfg.model.arch,
-        backbone=cfg.model.backbone,
-        num_classes=num_classes,
-        fpn_width=cfg.model.fpn_width,
-        head_width=cfg.model.head_width,
-        fcos=cfg.model.fcos,
-        pretrained=cfg.model.pretrained,
-        concat=cfg.model.concat,
-        freeze_at=cfg.model.freeze_at,
-        frozen_bn=cfg.model.frozen_bn,
-        min_size=tuple(cfg.data.min_size),
-        test_min_size=cfg.data.test_min_size,
-        max_size=cfg.data.max_size,
-        size_divisible=cfg.data.size_divisibility,
-        score_thresh=cfg.model.score_thresh,
-        nms_thresh=cfg.model.nms_thresh,
-        pre_nms_top_n=cfg.model.pre_nms_top_n,
-        detections_per_img=cfg.model.detections_per_img,
-    )
-    meta = model_meta(cfg, train_set, model.decoder.genotype.to_json())
+    spec = DetectorSpec.from_config(cfg.model, cfg.data, num_classes)
+    model = build_detector(spec, pretrained=cfg.model.pretrained)
+    meta = data_meta(cfg, train_set)
     model.to(device)
     if cfg.solver.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -288,7 +220,7 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
                         optimizer=optimizer,
                         scheduler=scheduler,
                         step=step,
-                        extra={"meta": meta},
+                        extra={"spec": spec.to_dict(), "meta": meta},
                         scaler=scaler,
                         keep_last=cfg.runtime.keep_checkpoints or None,
                     )
@@ -304,7 +236,7 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
 
     weights = run_dir / FINAL_WEIGHTS
     if main_process:
-        atomic_torch_save(weights, {"model": unwrap_model(model).state_dict(), "meta": meta})
+        atomic_torch_save(weights, detector_payload(unwrap_model(model).state_dict(), spec, meta))
         if val_set is not None and len(val_set):
             metrics, detections = evaluate_model(model, val_set, device=device)
             save_detections(run_dir / "detections_val.json", detections)

@@ -151,7 +151,7 @@ def load_search(search_dir: str | Path, top_k: int | None = None) -> SearchData:
                 meta[key] = value
     log: list[dict[str, Any]] = []
     if (path / "log.jsonl").is_file():
-        from nasfcos.train.logging import read_log
+        from nasfcos.logs import read_log
 
         try:
             log = [r for r in read_log(path / "log.jsonl") if isinstance(r, dict)]

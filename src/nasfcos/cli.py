@@ -34,6 +34,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "predict",
     "profile",
     "report",
+    "fidelity",
 )
 
 

@@ -660,6 +660,10 @@ def write_report(run_dir: str | Path, *, examples: int = 4, device: str = "cpu")
     ``examples``: how many validation images to draw detections on (0: none); ``device``: where the example
     detections run. :class:`UserError` when ``run_dir`` is not a search run or a demo run.
     """
+    from nasfcos.analysis.fidelity_report import is_fidelity_run, write_fidelity_report
+
+    if is_fidelity_run(run_dir):  # a `nasfcos fidelity` study folder has its own report
+        return write_fidelity_report(run_dir)
     run = find_run(run_dir)
     search: SearchData | None = None
     search_note = None

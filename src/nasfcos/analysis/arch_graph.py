@@ -39,7 +39,8 @@ from nasfcos.space.genotype import (
     fpn_pool_label,
     fpn_pool_strides,
 )
-from nasfcos.space.ops import BACKBONE_STRIDES, LEVEL_NAMES, NUM_BACKBONE_FEATURES, head_pool_size
+from nasfcos.space.ops import BACKBONE_STRIDES, LEVEL_NAMES, NUM_BACKBONE_FEATURES, PYRAMID_STRIDES, head_pool_size
+from nasfcos.space.pools import cell_head_live_entries
 
 __all__ = [
     "ArchGraph",
@@ -183,7 +184,7 @@ def _searched_fpn(b: _Builder, cells: tuple[FPNCell, ...]) -> str:
             b.edge(op_id, name)
         b.node(name, f"{name}\n{cell.agg}  /{strides[index]}", "agg", "fpn", rank=index)
     for level, index in (("P3", outputs.p3), ("P4", outputs.p4), ("P5", outputs.p5)):
-        stride = {"P3": 8, "P4": 16, "P5": 32}[level]
+        stride = PYRAMID_STRIDES[LEVEL_NAMES.index(level)]
         b.node(level, f"{level}  /{stride}", "output", "fpn", rank=int(level[1]))
         b.edge(fpn_pool_label(index), level)
         for extra in outputs.dangling:
@@ -250,19 +251,7 @@ def _sequential_head(b: _Builder, head: SequentialHead) -> str:
 
 
 def _cell_head(b: _Builder, head: CellHead) -> str:
-    # Which pool entries feed the output (the rest are dead and drawn as unused).
-    inputs_of: dict[int, tuple[int, ...]] = {1: (0,)}
-    for t, cell in enumerate(head.cells):
-        first = head_pool_size(t)
-        inputs_of[first] = (cell.in1,)
-        inputs_of[first + 1] = (cell.in2,)
-        inputs_of[first + 2] = (first, first + 1)
-    live, stack = set(), [head.output_index]
-    while stack:
-        index = stack.pop()
-        if index not in live:
-            live.add(index)
-            stack.extend(inputs_of.get(index, ()))
+    live = cell_head_live_entries(head)  # the pool entries that feed the output; the rest are drawn as unused
 
     def kind(index: int, default: str) -> str:
         return default if index in live else "unused"

@@ -60,11 +60,14 @@ from nasfcos.space.ops import (
     NUM_BACKBONE_FEATURES,
     NUM_LEVELS,
     PLAIN_FPN_CONVS,
+    PYRAMID_STRIDES,
     SYMMETRIC_AGGREGATIONS,
     fpn_pool_size,
     head_pool_size,
     one_of,
 )
+from nasfcos.space.ops import is_int as _is_int
+from nasfcos.space.released import dict_to_released, released_to_dict
 
 _CellT = TypeVar("_CellT", bound="_Cell")
 
@@ -223,10 +226,6 @@ def fpn_pool_strides(cells: Sequence[FPNCell]) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_index(value: object, where: str, pool: int, cell: int) -> None:
@@ -540,16 +539,13 @@ class Genotype:
 
         ``nested=True`` writes their configs' spelling: each cell and the share index in a one-element list.
         """
-        from nasfcos.space.released import genotype_to_released
-
-        return genotype_to_released(self, nested=nested)
+        self.validate()
+        return dict_to_released(self.to_dict(), nested=nested)
 
     @classmethod
     def from_released(cls, data: object) -> Genotype:
         """Parse and validate the authors' integer list, flat or nested (see :mod:`nasfcos.space.released`)."""
-        from nasfcos.space.released import genotype_from_released
-
-        return genotype_from_released(data)
+        return cls.from_dict(released_to_dict(data))
 
     # -- identity ----------------------------------------------------------------------------------------
 
@@ -607,7 +603,8 @@ def _describe_fpn(fpn: FPN) -> list[str]:
         lines.append(f"  outputs: invalid: {exc}")
         return lines
     extra = "".join(f" + {fpn_pool_label(i)}" for i in outputs.dangling)
-    for name, index, stride in (("P5", outputs.p5, 32), ("P4", outputs.p4, 16), ("P3", outputs.p3, 8)):
+    for name, index in (("P5", outputs.p5), ("P4", outputs.p4), ("P3", outputs.p3)):
+        stride = PYRAMID_STRIDES[LEVEL_NAMES.index(name)]
         lines.append(f"  {name} = {fpn_pool_label(index)}{extra}  [resized to stride {stride}]")
     lines.append("  P6 = conv3x3/s2(P5); P7 = conv3x3/s2(relu(P6))")
     return lines

@@ -26,10 +26,8 @@ from pathlib import Path
 
 from nasfcos.errors import UserError
 from nasfcos.space.genotype import Genotype, PlainFPN, SequentialHead
-from nasfcos.space.ops import NUM_LEVELS, one_of
+from nasfcos.space.ops import CONCAT_MODES, NUM_LEVELS, one_of
 from nasfcos.space.released import released_literal
-
-CONCAT_MODES = ("grouped", "dense")
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,13 @@ FPN cell wrapped in a one-element list and the share index a one-element list::
     [[[3, 3, 4, 4, 1]], [[3, 3, 4, 4, 1]], ..., [[7, 2, 4, 4, 1]], [0], [5, 1, 5, 0, 4, 4]]
 
 That is the form users paste, so both spellings are read everywhere a genotype is read (each cell and the
-share index may be wrapped; nothing else may be), and ``genotype_to_released(g, nested=True)`` writes it.
+share index may be wrapped; nothing else may be), and ``Genotype.to_released(nested=True)`` writes it.
 
 Only a searched FPN with a :class:`~nasfcos.space.genotype.SequentialHead` whose share index is the same on
 every level has this form (the paper's cell head and per-level sharing were never released).
+
+This module works on plain lists and the genotype's JSON dict, so that :mod:`nasfcos.space.genotype` can use
+it without the two importing each other.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 from nasfcos.errors import UserError
-from nasfcos.space.genotype import FPNCell, Genotype, PlainFPN, SequentialHead, _is_int
 from nasfcos.space.ops import AGGREGATIONS, FPN_OPS, HEAD_OPS, NUM_LEVELS, fpn_pool_size
+from nasfcos.space.ops import is_int as _is_int
 
 # FACTS 3: the discovered architecture, identical in every released config.
 RELEASED_FPN_CELLS: tuple[tuple[int, int, int, int, int], ...] = (
@@ -67,7 +70,7 @@ def _unwrap_one(value: object) -> tuple[object, bool]:
     return value, False
 
 
-def _cell_from_released(value: object, t: int, where: str) -> FPNCell:
+def _cell_from_released(value: object, t: int, where: str) -> dict[str, Any]:
     inner, wrapped = _unwrap_one(value)
     if wrapped and isinstance(inner, (list, tuple)):
         value, where = inner, f"{where}[0]"
@@ -84,61 +87,61 @@ def _cell_from_released(value: object, t: int, where: str) -> FPNCell:
             raise UserError(f"{field}: expected an integer pool index (got {index!r})")
         if not 0 <= index < pool:
             raise UserError(f"{field}: index {index} out of range 0..{pool - 1} (pool has {pool} entries at cell {t})")
-    return FPNCell(
-        in1=value[0],
-        in2=value[1],
-        op1=_table_index(value[2], f"{where}[2] (op1)", FPN_OPS, "FPN op"),
-        op2=_table_index(value[3], f"{where}[3] (op2)", FPN_OPS, "FPN op"),
-        agg=_table_index(value[4], f"{where}[4] (agg)", AGGREGATIONS, "aggregation"),
-    )
+    return {
+        "in1": value[0],
+        "in2": value[1],
+        "op1": _table_index(value[2], f"{where}[2] (op1)", FPN_OPS, "FPN op"),
+        "op2": _table_index(value[3], f"{where}[3] (op2)", FPN_OPS, "FPN op"),
+        "agg": _table_index(value[4], f"{where}[4] (agg)", AGGREGATIONS, "aggregation"),
+    }
 
 
-def genotype_from_released(data: object, where: str = "released genotype") -> Genotype:
-    """Parse ``[cell, ..., share_index, head_ops]`` (flat or the authors' nested spelling) into a :class:`Genotype`."""
+def released_to_dict(data: object, where: str = "released genotype") -> dict[str, Any]:
+    """Parse ``[cell, ..., share_index, head_ops]`` (flat or the authors' nested spelling) into the genotype JSON
+    dict (:meth:`Genotype.to_dict` layout), checking every integer; ``Genotype.from_released`` validates the rest."""
     if not isinstance(data, (list, tuple)) or len(data) < 3:
         raise UserError(
             f"{where}: expected a list [[id1, id2, op1, op2, agg], ..., share_index, [head ops]] (got {data!r:.80})"
         )
     *cell_values, share, head_values = data
     share, _ = _unwrap_one(share)
-    cells = tuple(_cell_from_released(value, t, f"{where}[{t}]") for t, value in enumerate(cell_values))
+    cells = [_cell_from_released(value, t, f"{where}[{t}]") for t, value in enumerate(cell_values)]
     share_where = f"{where}[{len(cell_values)}] (head share index)"
     ops_where = f"{where}[{len(cell_values) + 1}] (head ops)"
     if not isinstance(head_values, (list, tuple)) or not head_values:
         raise UserError(f"{ops_where}: expected a non-empty list of head op ids (got {head_values!r})")
-    ops = tuple(_table_index(v, f"{ops_where}[{i}]", HEAD_OPS, "head op") for i, v in enumerate(head_values))
+    ops = [_table_index(v, f"{ops_where}[{i}]", HEAD_OPS, "head op") for i, v in enumerate(head_values)]
     if not _is_int(share):
         raise UserError(f"{share_where}: expected an integer or a one-element list [index] (got {share!r:.80})")
     if not 0 <= share <= len(ops):
         raise UserError(f"{share_where}: {share} out of range 0..{len(ops)} (the head has {len(ops)} layers)")
-    genotype = Genotype(fpn=cells, head=SequentialHead(ops=ops, share_from=(share,) * NUM_LEVELS))
-    return genotype.validate()
+    return {"fpn": cells, "head": {"type": "sequential", "ops": ops, "share_from": [share] * NUM_LEVELS}}
 
 
-def genotype_to_released(genotype: Genotype, nested: bool = False) -> list[Any]:
-    """The integer list of a searched-FPN + sequential-head genotype with one share index.
+def dict_to_released(data: dict[str, Any], nested: bool = False) -> list[Any]:
+    """The integer list of a (validated) genotype's JSON dict: searched FPN, sequential head, one share index.
 
     Flat by default; ``nested=True`` wraps every cell and the share index in a one-element list, as the
-    authors' configs spell it (both are read back by :func:`genotype_from_released`).
+    authors' configs spell it (both are read back by :func:`released_to_dict`).
     """
-    genotype.validate()
-    if isinstance(genotype.fpn, PlainFPN):
+    fpn, head = data["fpn"], data["head"]
+    if isinstance(fpn, dict):
         raise UserError("genotype.fpn: a PlainFPN has no released integer form; expected searched FPN cells")
-    head = genotype.head
-    if not isinstance(head, SequentialHead):
-        raise UserError(
-            f"genotype.head: the released format has only the sequential head (got {type(head).__name__})"
-        )
-    if len(set(head.share_from)) != 1:
+    if head["type"] != "sequential":
+        kind = {"cell": "CellHead"}.get(head["type"], head["type"])
+        raise UserError(f"genotype.head: the released format has only the sequential head (got {kind})")
+    share_from = list(head["share_from"])
+    if len(set(share_from)) != 1:
         raise UserError(
             f"genotype.head.share_from: the released format has one share index for every level "
-            f"(got {list(head.share_from)}); expected the same index on every level"
+            f"(got {share_from}); expected the same index on every level"
         )
     cells = [
-        [cell.in1, cell.in2, FPN_OPS.index(cell.op1), FPN_OPS.index(cell.op2), AGGREGATIONS.index(cell.agg)]
-        for cell in genotype.fpn
+        [cell["in1"], cell["in2"], FPN_OPS.index(cell["op1"]), FPN_OPS.index(cell["op2"]),
+         AGGREGATIONS.index(cell["agg"])]
+        for cell in fpn
     ]
-    ops = [HEAD_OPS.index(op) for op in head.ops]
+    ops = [HEAD_OPS.index(op) for op in head["ops"]]
     if nested:
-        return [[cell] for cell in cells] + [[head.share_from[0]], ops]
-    return cells + [head.share_from[0], ops]
+        return [[cell] for cell in cells] + [[share_from[0]], ops]
+    return cells + [share_from[0], ops]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nasfcos.config import load_config
-from nasfcos.data.cache import FeatureCache, build_cache
+from nasfcos.data.cache import FeatureCache, SplitTensors, build_cache
 from nasfcos.data.synthetic import make_synthetic, read_synthetic
 from nasfcos.errors import UserError
 from nasfcos.search.proxy import (
@@ -19,7 +19,6 @@ from nasfcos.search.proxy import (
     EarlyStopReference,
     ProxyConfig,
     _average_precision,
-    _SplitData,
     decoder_cost,
     evaluate_candidate,
 )
@@ -127,6 +126,8 @@ def test_cache_problems_raise_user_errors(cache: FeatureCache, tmp_path: Path) -
         evaluate_candidate(FPN_FCOS, tmp_path / "missing", TINY, seed=0)
     with pytest.raises(UserError, match="improved"):
         evaluate_candidate(FPN_FCOS, cache, ProxyConfig(**{**TINY.__dict__, "fcos": "improved"}), seed=0)
+    with pytest.raises(UserError, match="device: unknown device 'tpu'"):
+        evaluate_candidate(FPN_FCOS, cache, TINY, seed=0, device="tpu")
 
 
 def test_early_stopping_prunes_against_a_low_reference(cache: FeatureCache) -> None:
@@ -183,7 +184,7 @@ def test_ap_reward_lies_in_unit_interval(cache: FeatureCache) -> None:
 
 def test_ap_of_the_ground_truth_itself_is_one(cache: FeatureCache) -> None:
     """The AP path (crop GT export + COCO evaluation) scores perfect detections 1."""
-    data = _SplitData(cache, "val", "vanilla", torch.device("cpu"), False, False)
+    data = SplitTensors(cache, "val", "vanilla", torch.device("cpu"), False, False)
     positions = list(range(len(cache.val)))
     perfect = [{"boxes": g["boxes"], "scores": torch.ones(len(g["boxes"])), "labels": g["labels"]}
                for g in cache.val.gt(positions)]

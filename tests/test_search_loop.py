@@ -303,6 +303,14 @@ def test_config_yaml_is_written_and_checked_on_resume(tmp_path: Path) -> None:
     assert load_search_run_config(base=run_dir / "config.yaml").search.budget == 6
 
 
+def test_run_search_takes_the_run_config_whole(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"cfg: SearchRunConfig"):
+        run_search(tmp_path / "run", quick_cfg())  # a SearchConfig alone is not the run
+    with pytest.raises(UserError, match="cache: required"):
+        run_search(tmp_path / "run", SearchRunConfig(search=quick_cfg()), evaluator=deterministic_evaluator)
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_cache_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="feature cache not found"):
         run_search(tmp_path / "run", run_cfg(tmp_path / "nope", quick_cfg()), evaluator=deterministic_evaluator,

@@ -72,11 +72,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nasfcos.data.cache import LEVELS, FeatureCache, take_rows
+from nasfcos.data.cache import LEVELS, FeatureCache, SplitTensors, clear_resident, split_nbytes
 from nasfcos.detection.losses import fcos_losses
 from nasfcos.detection.points import flatten_levels
-from nasfcos.detection.targets import FCOSTargets
-from nasfcos.errors import UserError
+from nasfcos.nn.device import resolve_device
 from nasfcos.search.candidate_progress import CandidateProgress
 from nasfcos.search.config import ProxyConfig
 from nasfcos.search.early_stop import EarlyStopReference
@@ -139,59 +138,8 @@ def decoder_cost(genotype: Any, cache_manifest: FeatureCache | Mapping[str, Any]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data on the device
+# Batches (the split tensors themselves come from the cache: nasfcos.data.cache.SplitTensors)
 # --------------------------------------------------------------------------------------------------------------
-
-#: Splits held in memory for consecutive candidates: ``(cache fingerprint, split, mode, device) -> tensors``.
-_RESIDENT: dict[tuple[str, str, str, str], dict[str, Tensor]] = {}
-
-
-def _split_nbytes(cache: FeatureCache, name: str, mode: str) -> int:
-    split = cache.split(name)
-    suffix = cache.target_suffix(mode)
-    names = list(LEVELS) + [n + suffix for n in ("labels", "reg", "centerness")]
-    return sum(int(split.array(n).nbytes) for n in names)
-
-
-class _SplitData:
-    """Batches ``(features float32, labels int64, reg, centerness)`` of one split, resident or memory-mapped."""
-
-    def __init__(self, cache: FeatureCache, name: str, mode: str, device: torch.device, resident: bool,
-                 channels_last: bool) -> None:
-        self.split = cache.split(name)
-        self.suffix = cache.target_suffix(mode)
-        self.device = device
-        self.channels_last = channels_last
-        self.size = len(self.split)
-        self.tensors: dict[str, Tensor] | None = None
-        if resident:
-            key = (cache.fingerprint, name, mode, str(device))
-            if key not in _RESIDENT:
-                for stale in [k for k in _RESIDENT if k[0] != cache.fingerprint]:
-                    del _RESIDENT[stale]  # another cache: free its memory first
-                arrays = {level: self.split.array(level) for level in LEVELS}
-                arrays.update({n: self.split.array(n + self.suffix) for n in ("labels", "reg", "centerness")})
-                _RESIDENT[key] = {n: torch.from_numpy(np.array(a)).to(device) for n, a in arrays.items()}
-            self.tensors = _RESIDENT[key]
-
-    def batch(self, index: np.ndarray) -> tuple[dict[str, Tensor], FCOSTargets]:
-        """Features and targets of the (sorted) positions ``index``."""
-        if self.tensors is not None:
-            rows = torch.from_numpy(index).to(self.device)
-            features = {level: self.tensors[level].index_select(0, rows) for level in LEVELS}
-            labels, reg, centerness = (self.tensors[n].index_select(0, rows) for n in ("labels", "reg", "centerness"))
-        else:
-            features = {level: torch.from_numpy(take_rows(self.split.array(level), index)).to(self.device)
-                        for level in LEVELS}
-            labels, reg, centerness = (
-                torch.from_numpy(take_rows(self.split.array(n + self.suffix), index)).to(self.device)
-                for n in ("labels", "reg", "centerness"))
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        features = {k: v.to(torch.float32).contiguous(memory_format=memory_format) for k, v in features.items()}
-        empty = labels.new_empty(0)
-        targets = FCOSTargets(labels=labels.long(), boxes=empty, reg=reg.float(), centerness=centerness.float(),
-                              matched=empty)
-        return features, targets
 
 
 def _batches(size: int, batch_size: int, generator: torch.Generator | None) -> list[np.ndarray]:
@@ -215,7 +163,7 @@ def _flat(outputs: Any) -> tuple[Tensor, Tensor, Tensor]:
             flatten_levels(outputs.centerness).float().squeeze(-1))
 
 
-def _validate(model: nn.Module, data: _SplitData, cache: FeatureCache, cfg: ProxyConfig, *, with_ap: bool
+def _validate(model: nn.Module, data: SplitTensors, cache: FeatureCache, cfg: ProxyConfig, *, with_ap: bool
               ) -> dict[str, float]:
     """Meta-val losses (pooled over the whole split, see the module doc) and optionally AP, in eval mode."""
     from nasfcos.detection.postprocess import postprocess
@@ -261,7 +209,7 @@ def _validate(model: nn.Module, data: _SplitData, cache: FeatureCache, cfg: Prox
     return result
 
 
-def _average_precision(cache: FeatureCache, data: _SplitData, detections: list[dict[str, Tensor]],
+def _average_precision(cache: FeatureCache, data: SplitTensors, detections: list[dict[str, Tensor]],
                        positions: list[int]) -> float:
     from nasfcos.data.coco_eval import coco_evaluate, detections_to_coco
 
@@ -284,12 +232,6 @@ class _Progress:
         """These, as :class:`EvaluationResult` fields (the history copied)."""
         return {"params": self.params, "gmacs": self.gmacs, "epochs_run": self.epochs_run,
                 "history": tuple(dict(entry) for entry in self.history), "early_stop_loss": self.early_stop_loss}
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @contextmanager
@@ -329,10 +271,10 @@ def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed:
                                  weight_decay=cfg.weight_decay)
     averager = PolyakAverager(decoder, cfg.polyak_decay)
 
-    resident = cfg.preload and (_split_nbytes(cache, "train", cfg.fcos) + _split_nbytes(cache, "val", cfg.fcos)
+    resident = cfg.preload and (split_nbytes(cache, "train", cfg.fcos) + split_nbytes(cache, "val", cfg.fcos)
                                 <= cfg.preload_max_gb * 1e9)
-    train = _SplitData(cache, "train", cfg.fcos, device, resident, channels_last)
-    val = _SplitData(cache, "val", cfg.fcos, device, resident, channels_last)
+    train = SplitTensors(cache, "train", cfg.fcos, device, resident, channels_last)
+    val = SplitTensors(cache, "val", cfg.fcos, device, resident, channels_last)
     generator = torch.Generator().manual_seed(seed)
     want_ap = cfg.reward == "ap" or cfg.compute_ap
     expected_points = int(cache.manifest["num_points"])
@@ -414,13 +356,7 @@ def evaluate_candidate(
     start = time.perf_counter()
     cache = FeatureCache.open(cache)
     cache.target_suffix(cfg.fcos)  # UserError when the cache lacks these targets
-    try:
-        resolved = _resolve_device(device if device is not None else cfg.device)
-    except RuntimeError:
-        raise UserError(f"device: unknown device {device or cfg.device!r}; expected auto, cpu, cuda or cuda:N"
-                        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {str(resolved)!r} asked for but CUDA is not available")
+    resolved = resolve_device(device if device is not None else cfg.device)  # UserError: unknown or absent
     reference = (EarlyStopReference.from_dict(early_stop_reference)
                  if isinstance(early_stop_reference, Mapping) else early_stop_reference)
     seed = int(seed) + int(cfg.seed_offset)
@@ -435,9 +371,3 @@ def evaluate_candidate(
             result = EvaluationResult(status="failed", reward=cfg.failure_reward, error=_error_text(exc),
                                       **progress.fields(), seed=seed)
     return dataclasses.replace(result, wall_time_s=time.perf_counter() - start)
-
-
-def clear_resident() -> None:
-    """Free the splits held in memory by earlier candidates (e.g. before switching caches in one process)."""
-    _RESIDENT.clear()
-

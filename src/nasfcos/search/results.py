@@ -78,8 +78,11 @@ class EvaluationResult:
     @property
     def evaluation(self) -> EvaluationResult:
         """The evaluation alone (a store row without its identity fields)."""
-        names = {f.name for f in dataclasses.fields(EvaluationResult)}
-        return EvaluationResult(**{n: getattr(self, n) for n in names})
+        return EvaluationResult(**self.evaluation_fields())
+
+    def evaluation_fields(self) -> dict[str, Any]:
+        """The :class:`EvaluationResult` fields of this record (also of a subclass: a store row), by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EvaluationResult)}
 
     def scalars(self) -> dict[str, float]:
         """The logged numbers that are known (``None`` left out)."""

@@ -66,7 +66,7 @@ class CandidateRecord(EvaluationResult):
            **identity: Any) -> CandidateRecord:
         """The row of ``result`` (stored as-is) for the candidate ``key``."""
         return cls(key=key, genotype_json=genotype_json, actions=tuple(int(a) for a in actions),
-                   **{**_fields_of(result), **identity})
+                   **{**result.evaluation_fields(), **identity})
 
     @classmethod
     def failed(cls, key: str, genotype_json: str, actions: Sequence[int], error: str, penalty: float,
@@ -74,10 +74,6 @@ class CandidateRecord(EvaluationResult):
         """A failed candidate: ``status="failed"``, the error text, and ``penalty`` as its reward."""
         return cls(key=key, genotype_json=genotype_json, actions=tuple(actions), reward=penalty,
                    status="failed", error=error, **fields)
-
-
-def _fields_of(result: EvaluationResult) -> dict[str, Any]:
-    return {f.name: getattr(result, f.name) for f in dataclasses.fields(EvaluationResult)}
 
 
 # --------------------------------------------------------------------------------------------------------------

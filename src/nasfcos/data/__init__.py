@@ -1,2 +1,3 @@
-"""Data: COCO/VOC readers and validation, the built-in synthetic set, box-preserving transforms, loaders and
-the search's feature cache. Everything becomes a :class:`nasfcos.data.records.DetectionSet`."""
+"""Data: COCO/VOC readers and validation, the built-in synthetic set, box-preserving transforms, loaders, COCO
+evaluation (:mod:`~nasfcos.data.coco_eval`) and the search's feature cache (:mod:`~nasfcos.data.cache`).
+Everything becomes a :class:`nasfcos.data.records.DetectionSet`."""

@@ -1,7 +1,9 @@
-"""FCOS detection: points, target assignment, losses, post-processing and the detector module.
+"""FCOS detection: points, target assignment, losses, post-processing, the detector module, its spec and its
+weights files.
 
 ``nasfcos.detection.assign_targets`` is the public target-assignment function (see its docstring for the
-signature); the detector is built with :func:`nasfcos.build_detector`.
+signature); the detector is built with :func:`nasfcos.build_detector` from a
+:class:`~nasfcos.detection.spec.DetectorSpec`, which :mod:`~nasfcos.detection.weights` saves with the weights.
 """
 
 from nasfcos.detection.points import flatten_levels, level_points

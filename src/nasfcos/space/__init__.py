@@ -1,9 +1,12 @@
 """What an architecture is, as plain data (no torch): genotypes, the search space, released format, presets.
 
-- :mod:`~nasfcos.space.ops`: op-name tables in the released integer order.
+- :mod:`~nasfcos.space.ops`: op-name tables in the released integer order, and the shared architecture facts
+  (pyramid strides, FCOS and concat modes, ImageNet mean/std) the torch side asks for instead of recomputing.
+- :mod:`~nasfcos.space.pools`: FPN/head pool arithmetic and which pool entries are live.
 - :mod:`~nasfcos.space.genotype`: ``Genotype`` and its parts, validation, JSON, canonical key, output rule.
 - :mod:`~nasfcos.space.search_space`: ``SearchSpace`` (decisions <-> genotypes, masks, sampling, exact size).
-- :mod:`~nasfcos.space.released`: the authors' integer format and the discovered architecture.
+- :mod:`~nasfcos.space.released`: the authors' integer format (to and from the genotype's JSON dict, so it
+  does not import ``genotype``) and the discovered architecture.
 - :mod:`~nasfcos.space.presets`: ``PRESETS`` (NAS-FCOS and its baselines), ``resolve_arch``.
 """
 

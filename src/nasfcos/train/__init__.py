@@ -1,2 +1,3 @@
 """Full training and evaluation: config-driven trainer (resumable, DDP), optimiser and schedule, checkpoints,
-logging, and COCO evaluation through pycocotools."""
+and the inference loop behind COCO AP (the run logger is :mod:`nasfcos.logs`, COCO scoring
+:mod:`nasfcos.data.coco_eval`: the search uses both too)."""

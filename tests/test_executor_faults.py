@@ -26,7 +26,7 @@ import pytest
 from nasfcos.search.executors import InlineExecutor, ProcessExecutor
 from nasfcos.search.worker_pool import SupervisedPool, WorkerStartupError, current_connection
 from test_executors import HERE, MARKER_ENV, make_tasks
-from test_search_loop import CALLS_FILE_ENV, _record_call, cache_dir, deterministic_evaluator, quick_cfg
+from test_search_loop import CALLS_FILE_ENV, _record_call, cache_dir, deterministic_evaluator, quick_cfg, run_cfg
 
 DEADLINE_S = 60.0  # generous upper bound for anything a test waits for (a busy 2-core machine)
 
@@ -142,7 +142,8 @@ def test_two_workers_dying_at_once_and_a_death_during_result_transfer(calls: Pat
              _with(tasks[4], "dies_once_never")]
     with ProcessExecutor(workers=2, max_retries=1) as executor:
         results = {t.key: o for t, o in executor.map_candidates(batch)}
-        assert len(executor.worker_pids()) == 2  # dead workers were replaced
+        pids = executor.worker_pids()  # dead workers were replaced as far as the remaining jobs needed them
+        assert 1 <= len(pids) <= 2 and all(_alive(pid) for pid in pids)
     assert {k: o.reward for k, o in results.items()} == expected
     assert all(o.status == "ok" for o in results.values())
     counts = _call_counts(calls)
@@ -221,7 +222,7 @@ def test_search_with_dying_workers_ends_with_exactly_its_budget(tmp_path: Path, 
     from nasfcos.search.store import ResultStore
 
     cfg = quick_cfg(strategy="random", budget=12, batch_size=6, executor="process", workers=2, max_retries=1)
-    summary = run_search(tmp_path / "run", cache_dir(tmp_path), cfg, None,
+    summary = run_search(tmp_path / "run", run_cfg(cache_dir(tmp_path), cfg),
                          evaluator="test_executor_faults:dies_once_for_a_third", progress=False)
     with ResultStore(tmp_path / "run" / "store.sqlite", readonly=True) as store:
         rows = store.all()
@@ -272,11 +273,11 @@ SEARCH_SCRIPT = r"""
 import sys
 sys.path.insert(0, {here!r})
 from pathlib import Path
-from test_search_loop import quick_cfg
+from test_search_loop import quick_cfg, run_cfg
 from nasfcos.search.loop import run_search
 
 cfg = quick_cfg(strategy="random", budget=6, batch_size=2, executor="process", workers=2)
-run_search(Path({run!r}), Path({cache!r}), cfg, None, evaluator="test_executor_faults:writes_pid_then_sleeps",
+run_search(Path({run!r}), run_cfg(Path({cache!r}), cfg), evaluator="test_executor_faults:writes_pid_then_sleeps",
            progress=False)
 """
 

@@ -77,16 +77,9 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device) if args.latency else None
     # The widths follow DetectorSpec's precedence: --fpn-width/--head-width, else the arch's @ suffix, else the
     # preset's; a flag that contradicts the suffix is a UserError.
-    model = build_detector(
-        args.arch,
-        backbone=args.backbone,
-        num_classes=args.num_classes,
-        fpn_width=args.fpn_width,
-        head_width=args.head_width,
-        fcos=args.fcos,
-        concat=args.concat,
-        labels={"fpn_width": "--fpn-width", "head_width": "--head-width"},
-    )
+    options = {name: getattr(args, name) for name in ("backbone", "num_classes", "fpn_width", "head_width", "fcos",
+                                                      "concat")}
+    model = build_detector(args.arch, labels={"fpn_width": "--fpn-width", "head_width": "--head-width"}, **options)
     fpn_width, head_width = model.spec.fpn_width, model.spec.head_width
     parts = profile_parts(model, size, meta=True)
     timing: dict[str, Any] | None = None

@@ -241,28 +241,7 @@ def build_detector(arch: DetectorSpec | Any, *, pretrained: str | Path | None = 
     else:
         spec = DetectorSpec.resolve(arch, **options)
     body = build_backbone(spec.backbone, weights=pretrained, freeze_at=spec.freeze_at, frozen_bn=spec.frozen_bn)
-    decoder = Decoder(
-        spec.genotype,
-        body.out_channels,
-        spec.num_classes,
-        fpn_width=spec.fpn_width,
-        head_width=spec.head_width,
-        fcos=spec.fcos,
-        concat=spec.concat,
-    )
-    detector = FCOSDetector(
-        body,
-        decoder,
-        spec.num_classes,
-        fcos=spec.fcos,
-        min_size=spec.min_size,
-        max_size=spec.max_size,
-        size_divisible=spec.size_divisible,
-        test_min_size=spec.test_min_size,
-        score_thresh=spec.score_thresh,
-        nms_thresh=spec.nms_thresh,
-        pre_nms_top_n=spec.pre_nms_top_n,
-        detections_per_img=spec.detections_per_img,
-    )
+    decoder = Decoder(spec.genotype, body.out_channels, spec.num_classes, **spec.decoder_options())
+    detector = FCOSDetector(body, decoder, spec.num_classes, **spec.detector_options())
     detector.spec = spec
     return detector

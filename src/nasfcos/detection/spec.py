@@ -61,6 +61,17 @@ def _pick_width(label: str, explicit: int | None, suffix: int | None, preset: in
     return int(suffix) if suffix is not None else int(preset)
 
 
+#: Spec fields read from a ``ModelConfig`` under the same name, and from a ``DataConfig`` (spec name: config key).
+_MODEL_CONFIG_FIELDS = ("backbone", "fpn_width", "head_width", "fcos", "concat", "freeze_at", "frozen_bn",
+                        "score_thresh", "nms_thresh", "pre_nms_top_n", "detections_per_img")
+_DATA_CONFIG_FIELDS = {"min_size": "min_size", "test_min_size": "test_min_size", "max_size": "max_size",
+                       "size_divisible": "size_divisibility"}
+#: Spec fields that are keyword arguments of the decoder and of the detector module.
+_DECODER_FIELDS = ("fpn_width", "head_width", "fcos", "concat")
+_DETECTOR_FIELDS = ("fcos", "min_size", "test_min_size", "max_size", "size_divisible", "score_thresh", "nms_thresh",
+                    "pre_nms_top_n", "detections_per_img")
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """Everything that decides a detector's modules and outputs (weights excluded). Frozen; lists become tuples.
@@ -140,26 +151,19 @@ class DetectorSpec:
     @classmethod
     def from_config(cls, model: Any, data: Any, num_classes: int) -> DetectorSpec:
         """The spec of a training config's ``model`` and ``data`` sections (``ModelConfig``, ``DataConfig``)."""
-        return cls.resolve(
-            model.arch,
-            fpn_width=model.fpn_width,
-            head_width=model.head_width,
-            concat=model.concat,
-            labels={"fpn_width": "model.fpn_width", "head_width": "model.head_width"},
-            backbone=model.backbone,
-            num_classes=int(num_classes),
-            fcos=model.fcos,
-            freeze_at=model.freeze_at,
-            frozen_bn=model.frozen_bn,
-            min_size=tuple(data.min_size),
-            test_min_size=data.test_min_size,
-            max_size=data.max_size,
-            size_divisible=data.size_divisibility,
-            score_thresh=model.score_thresh,
-            nms_thresh=model.nms_thresh,
-            pre_nms_top_n=model.pre_nms_top_n,
-            detections_per_img=model.detections_per_img,
-        )
+        fields = {name: getattr(model, name) for name in _MODEL_CONFIG_FIELDS}
+        fields.update({name: getattr(data, key) for name, key in _DATA_CONFIG_FIELDS.items()})
+        fields["min_size"] = tuple(fields["min_size"])
+        return cls.resolve(model.arch, num_classes=int(num_classes),
+                           labels={"fpn_width": "model.fpn_width", "head_width": "model.head_width"}, **fields)
+
+    def decoder_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~nasfcos.nn.decoder.Decoder` besides genotype, channels and classes."""
+        return {name: getattr(self, name) for name in _DECODER_FIELDS}
+
+    def detector_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~nasfcos.detection.detector.FCOSDetector` besides its modules and classes."""
+        return {name: getattr(self, name) for name in _DETECTOR_FIELDS}
 
     # ------------------------------------------------------------------ plain data (weights_only-safe)
     def to_dict(self) -> dict[str, Any]:

@@ -247,3 +247,29 @@ def test_real_space_samples_always_decode(head):
     assert all(torch.equal(a, b) for a, b in zip(by_cursor, by_prefix))
     with torch.no_grad():
         torch.testing.assert_close(controller.evaluate(some, mask_fn=space.valid_choices)[0], log_probs[:20])
+
+
+# ---------------------------------------------------------------- the entropy yardstick
+
+
+def test_uniform_entropy_is_the_sum_of_log_allowed_choices():
+    controller = Controller(TINY, hidden_size=8)
+    actions = [(0, 2), (1, 1), (0, 0)]
+    masks = controller.compute_masks(actions, mask_fn=tiny_mask)
+    expected = [math.log(2) + math.log(2), math.log(2) + math.log(3), math.log(2) + math.log(2)]
+    assert controller.uniform_entropy(masks, 3).tolist() == pytest.approx(expected, rel=1e-12)
+    # Without a mask every choice counts.
+    assert controller.uniform_entropy([None, None], 2).tolist() == pytest.approx([math.log(6)] * 2, rel=1e-12)
+    with pytest.raises(ValueError, match="entries"):
+        controller.uniform_entropy(masks[:1], 3)
+
+
+def test_a_fresh_controller_is_close_to_the_masked_uniform_entropy():
+    """Small initial weights: the entropy diagnostic starts at ~100 % of its maximum (what the panel shows)."""
+    space = pytest.importorskip("nasfcos.space.search_space").SearchSpace()
+    controller = Controller(space, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        actions, _, entropies = controller.sample(64, generator=torch.Generator().manual_seed(1))
+    maximum = controller.uniform_entropy(controller.compute_masks(actions), 64)
+    assert bool((entropies.double() <= maximum + 1e-4).all())
+    assert float(entropies.mean()) / float(maximum.mean()) > 0.99

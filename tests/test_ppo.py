@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import random
@@ -13,7 +14,7 @@ import torch
 from nasfcos.errors import UserError
 from nasfcos.search.config import ControllerConfig, PPOConfig
 from nasfcos.search.controller import Controller
-from nasfcos.search.ppo import PPOTrainer, Sample, clipped_surrogate
+from nasfcos.search.ppo import PPOTrainer, Sample, _BufferEntry, clipped_surrogate, stepwise_kl
 from nasfcos.search.strategies import (
     PPOStrategy,
     Proposal,
@@ -86,18 +87,75 @@ def roundtrip(state):
 
 
 def test_clipped_surrogate_matches_hand_values_and_gradients():
-    ratios = torch.tensor([1.0, 1.5, 0.5, 1.05])
+    ratios = torch.tensor([1.0, 1.5, 0.5, 1.05, 1.5, 0.5])
     log_probs = ratios.log().requires_grad_(True)
-    old = torch.zeros(4)
-    adv = torch.tensor([1.0, 1.0, -1.0, -2.0])
-    loss, clip_fraction, approx_kl = clipped_surrogate(log_probs, old, adv, clip=0.1)
-    # min(r A, clip(r) A): 1, min(1.5, 1.1) = 1.1, min(-0.5, -0.9) = -0.9, min(-2.1, -2.1) = -2.1
-    assert math.isclose(loss.item(), -(1 + 1.1 - 0.9 - 2.1) / 4, rel_tol=1e-6)
-    assert float(clip_fraction) == 0.5
-    assert math.isclose(float(approx_kl), -sum(math.log(r) for r in (1.0, 1.5, 0.5, 1.05)) / 4, rel_tol=1e-5)
-    loss.backward()
-    # Clipped samples (r above 1+eps with A > 0, below 1-eps with A < 0) get no gradient.
-    torch.testing.assert_close(log_probs.grad, torch.tensor([-0.25, 0.0, 0.0, 1.05 * 2 / 4]))
+    old = torch.zeros(6)
+    adv = torch.tensor([1.0, 1.0, -1.0, -2.0, -1.0, 1.0])
+    terms = clipped_surrogate(log_probs, old, adv, clip=0.1)
+    # min(r A, clip(r) A): 1, min(1.5, 1.1) = 1.1, min(-0.5, -0.9) = -0.9, -2.1, min(-1.5, -1.1) = -1.5,
+    # min(0.5, 0.9) = 0.5
+    torch.testing.assert_close(terms.objective.detach(), torch.tensor([1.0, 1.1, -0.9, -2.1, -1.5, 0.5]))
+    # Dead = the clip binds in the advantage's direction (r > 1.1 with A > 0, r < 0.9 with A < 0).
+    assert terms.live.tolist() == [True, False, False, True, True, True]
+    assert terms.clipped.tolist() == [False, True, True, False, True, True]
+    (-terms.objective.mean()).backward()
+    # d(-mean(r A))/d log r = -r A / n for live samples, 0 for dead ones.
+    torch.testing.assert_close(log_probs.grad, torch.tensor([-1.0, 0.0, 0.0, 2.1, 1.5, -0.5]) / 6)
+
+
+def _sequence_kl_exact(before: Controller, after: Controller) -> float:
+    """KL between two controllers' distributions over the 5 valid sequences of TinySpace, by enumeration."""
+    with torch.no_grad():
+        p = before.evaluate(TinySpace.valid)[0].double()
+        q = after.evaluate(TinySpace.valid)[0].double()
+    return float((p.exp() * (p - q)).sum())
+
+
+def test_stepwise_kl_is_exact_per_prefix_unbiased_and_zero_when_unchanged():
+    space = TinySpace()
+    before = Controller(space, hidden_size=8, init_range=1.0, generator=torch.Generator().manual_seed(0))
+    after = Controller(space, hidden_size=8, init_range=1.0, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # Enumerate every valid sequence, weighted by its probability under `before`: the exact expectation.
+        steps_p = before.step_log_probs(TinySpace.valid)
+        steps_q = after.step_log_probs(TinySpace.valid)
+        weights = before.evaluate(TinySpace.valid)[0].double().exp()
+        per_sequence = torch.stack([stepwise_kl([s[i:i + 1] for s in steps_p], [s[i:i + 1] for s in steps_q])
+                                    for i in range(len(TinySpace.valid))])
+        exact = _sequence_kl_exact(before, after)
+        assert math.isclose(float((weights * per_sequence).sum()), exact, rel_tol=1e-6)  # float32 policies
+        assert bool((per_sequence >= 0).all()) and exact > 0.01
+        # Sampled from `before`: the mean estimates the same number.
+        actions, _, _ = before.sample(4000, generator=torch.Generator().manual_seed(2))
+        estimate = float(stepwise_kl(before.step_log_probs(actions), after.step_log_probs(actions)))
+        assert abs(estimate - exact) < 0.05 * exact
+        # Unchanged policy: exactly 0.
+        assert float(stepwise_kl(steps_p, before.step_log_probs(TinySpace.valid))) == 0.0
+
+
+def test_entropy_bonus_counts_only_samples_with_a_surrogate_gradient():
+    """One step's gradient equals that of the hand-written objective with the bonus masked by the live set."""
+    trainer = _trainer(lr=1e-3, entropy_weight=0.5, epochs=1, buffer_size=10)
+    controller = trainer.controller
+    # An old sample whose frozen log-prob makes it dead now (r >> 1.1 with A > 0), then a live batch.
+    trainer._buffer.append(_BufferEntry((1, 2), -20.0, 1.0, 1.0))
+    trainer.baseline = 0.5
+    batch = [(0, 0), (1, 1)]
+    with torch.no_grad():
+        lps = controller.evaluate(batch)[0].tolist()
+    reference = copy.deepcopy(controller)
+    trainer.update([Sample(batch[0], lps[0], 0.0), Sample(batch[1], lps[1], 1.0)])
+    # Hand objective: entries (1,2) dead, (0,0) A=-0.5 live, (1,1) A=+0.5 live; bonus only on the live two.
+    log_probs, entropies = reference.evaluate([(1, 2), (0, 0), (1, 1)])
+    ratio = torch.exp(log_probs - torch.tensor([-20.0, lps[0], lps[1]]))
+    adv = torch.tensor([1.0, -0.5, 0.5])
+    objective = torch.minimum(ratio * adv, ratio.clamp(0.9, 1.1) * adv) + 0.5 * entropies * torch.tensor([0.0, 1.0, 1.0])
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    (-objective.mean()).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 2.0)
+    optimizer.step()
+    for a, b in zip(controller.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------- baseline and buffer
@@ -172,7 +230,8 @@ def test_one_update_raises_probability_of_rewarded_action(lr):
     after = _best_probability(controller, best)
     assert after > before
     assert sum(_best_probability(controller, a) for a in others_before) < sum(others_before.values())
-    assert stats["approx_kl"] > 0 and 0.0 <= stats["clip_fraction"] <= 1.0
+    assert stats["kl"] > 0 and 0.0 <= stats["clip_fraction"] <= 1.0
+    assert stats["live_share"] == 1.0  # on-policy: every sample starts at r = 1
     assert stats["grad_norm"] > 0
 
 
@@ -281,3 +340,60 @@ def test_strategy_errors_are_user_errors():
         PPOStrategy(space, 0, controller=ControllerConfig(hidden_size=8)).load_state_dict(random_state)
     with pytest.raises(UserError, match="cannot load"):
         state_from_bytes(RandomStrategy(space, 0), b"not a torch file")
+
+
+# ---------------------------------------------------------------- diagnostics: learning vs stalled
+
+
+def _dcn_reward(genotype) -> float:
+    """Half the share of dcn3x3 FPN ops plus half the share of concat aggregations (optimum 1)."""
+    ops = [op for cell in genotype.fpn for op in (cell.op1, cell.op2)]
+    return 0.5 * ops.count("dcn3x3") / len(ops) + 0.5 * sum(c.agg == "concat" for c in genotype.fpn) / len(genotype.fpn)
+
+
+def _diagnostics(reward, updates: int, buffer_size: int = 8, **settings) -> list[dict[str, float]]:
+    """The real controller and trainer on the real space, batches of 8 (lr 0 is a trainer-level control)."""
+    space = real_space()
+    generator = torch.Generator().manual_seed(0)
+    controller = Controller(space, generator=generator)
+    trainer = PPOTrainer(controller, buffer_size=buffer_size, **settings)
+    history = []
+    for _ in range(updates):
+        with torch.no_grad():
+            actions, log_probs, _ = controller.sample(8, generator=generator)
+        batch = [Sample(tuple(a), lp, reward(space.decode(a))) for a, lp in zip(actions.tolist(), log_probs.tolist())]
+        history.append(trainer.update(batch))
+    return history
+
+
+def test_diagnostics_tell_a_learning_controller_from_stalled_ones():
+    learning = _diagnostics(_dcn_reward, 12, lr=3e-3, normalize_advantages=True)
+    frozen = _diagnostics(_dcn_reward, 4, lr=0.0)
+    flat = _diagnostics(lambda genotype: 0.25, 4, lr=3e-3)
+    # A controller that did not move: KL exactly 0, nothing clipped, entropy where it started.
+    for run in (frozen, flat):
+        assert all(d["kl"] == 0.0 and d["clip_fraction"] == 0.0 for d in run)
+        assert all(d["advantage_std"] == 0.0 for d in flat)
+        assert all(0.98 < d["entropy_ratio"] <= 1.0 + 1e-9 for d in run)
+        assert run[-1]["baseline"] == run[0]["baseline"] or run is frozen
+    # One that learns: KL clearly > 0 every update, entropy falls well below its maximum, the baseline rises.
+    assert all(d["kl"] > 1e-3 for d in learning)
+    assert learning[0]["entropy_ratio"] > 0.98 and learning[-1]["entropy_ratio"] < 0.9
+    assert learning[-1]["baseline"] > learning[0]["baseline"] + 0.1
+    assert all(d["live_share"] == 1.0 for d in learning)  # buffer = batch: on-policy
+
+
+def test_entropy_max_is_the_masked_uniform_entropy_of_the_new_batch():
+    trainer = _trainer()
+    stats = trainer.update([Sample((0, 2), -1.0, 1.0), Sample((1, 1), -1.0, 0.0), Sample((1, 0), -1.0, 0.5)])
+    # first = 0 leaves 2 choices for the second decision, first = 1 leaves 3; the first has 2.
+    expected = (math.log(2) + math.log(2) + 2 * (math.log(2) + math.log(3))) / 3
+    assert math.isclose(stats["entropy_max"], expected, rel_tol=1e-12)
+    assert stats["entropy"] <= stats["entropy_max"] + 1e-6
+    assert math.isclose(stats["advantage_std"], math.sqrt(((0.5) ** 2 + 0.5 ** 2 + 0) / 3))
+
+
+def test_live_share_drops_when_the_buffer_outlives_the_batch():
+    """With a buffer 4x the batch, old entries drift out of the clip range: the live share says so."""
+    shares = [d["live_share"] for d in _diagnostics(_dcn_reward, 8, buffer_size=32, lr=3e-3)]
+    assert shares[0] == 1.0 and min(shares[4:]) < 0.6

@@ -29,7 +29,9 @@ __all__ = [
     "default_window",
     "moving_average",
     "new_figure",
+    "CONTROLLER_PANELS",
     "plot_ap_vs_gmacs",
+    "plot_controller_diagnostics",
     "plot_example_detections",
     "plot_reward_curve",
     "plot_scalar_series",
@@ -306,6 +308,63 @@ def plot_scalar_series(
         ax.set_ylabel(name, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+#: The controller panel's four plots: title, then (series key, label, style) drawn into it. Keys are the
+#: PPO trainer's diagnostics (``nasfcos.search.ppo.PPOTrainer.update``) as the search loop logs them.
+CONTROLLER_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
+    ("batch reward vs baseline", (("reward_mean", "batch mean reward", "-o"), ("baseline", "baseline", "-"))),
+    ("entropy vs its maximum (masked uniform)", (("entropy", "policy entropy", "-"),
+                                                 ("entropy_max", "maximum", "--"))),
+    ("KL(pre || post update), new batch", (("kl", "KL (exact per step, >= 0)", "-o"),)),
+    ("share of samples", (("live_share", "buffer still inside clip (has gradient)", "-"),
+                          ("clip_fraction", "new batch clipped during epochs", "-"))),
+)
+
+
+def plot_controller_diagnostics(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    out_png: str | Path,
+    *,
+    title: str = "Controller diagnostics",
+    xlabel: str = "controller update",
+) -> Path:
+    """The controller panel: reward vs baseline, entropy vs maximum, KL per update, live share / clip fraction.
+
+    ``series`` maps diagnostic names (see :data:`CONTROLLER_PANELS`) to ``(x, y)``; plots whose series are all
+    missing are left out. Why these four: together they separate a learning controller from a stalled one.
+    Learning: the batch reward climbs above the baseline and pulls it up, entropy falls away from its maximum,
+    KL is clearly above 0. Stalled: reward and baseline flat, entropy pinned at the maximum, KL ~ 0 (exactly 0
+    when the policy did not move). A live share far below 1 says most of the buffer no longer has a gradient
+    (a buffer much longer than a batch); a clip fraction near 1 says the steps are large for the clip range.
+    """
+    panels = [(name, [(k, label, style) for k, label, style in lines if k in series])
+              for name, lines in CONTROLLER_PANELS]
+    panels = [(name, lines) for name, lines in panels if lines]
+    n = max(1, len(panels))
+    cols = 1 if n == 1 else 2
+    rows = math.ceil(n / cols)
+    fig = new_figure(figsize=(FIGSIZE[0] * 1.25, max(3.2, 3.0 * rows)))
+    for k, (name, lines) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        for (key, label, style), colour in zip(lines, _SERIES_COLOURS):
+            xs, ys = series[key]
+            ax.plot(list(xs), list(ys), style, color=colour, linewidth=1.4, markersize=2.5, label=label)
+        if name == "share of samples":
+            ax.set_ylim(-0.03, 1.05)
+        if name.startswith("KL"):
+            ax.set_ylim(bottom=0.0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no controller diagnostics", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, out_png)

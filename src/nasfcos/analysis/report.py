@@ -36,8 +36,9 @@ SUMMARY_FILE = "summary.json"
 RANDOM_SIBLING = "search-random"
 DEFAULT_TOP_K = 10
 
-# log.jsonl scalars worth a panel, in order of interest (whichever are present are drawn, at most 4). The
-# search loop logs each controller update's statistics with the ``update/`` prefix (``nasfcos.search.loop``).
+# The search loop logs each controller update's statistics with the ``update/`` prefix (``nasfcos.search.loop``);
+# the controller panel draws the PPO trainer's diagnostics (``nasfcos.analysis.plots.CONTROLLER_PANELS``). Logs
+# of older versions lack them; for those, these scalars get a generic panel (at most 4, in this order).
 _CONTROLLER_PREFIX = "update/"
 _CONTROLLER_KEYS = ("entropy", "baseline", "approx_kl", "clip_fraction", "policy_loss", "grad_norm", "batch_reward_mean")
 
@@ -373,36 +374,112 @@ def _reward_stats(rep: _Report, search: SearchData, budget: Any, strategy: Any) 
     rep.add("\n".join(facts))
 
 
-def _controller_section(rep: _Report, search: SearchData) -> None:
-    from nasfcos.analysis.plots import plot_scalar_series
+def _update_series(log: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """``(x, y)`` of ``update/<key>`` over the log's records (x = the record's step, else its index)."""
+    xs, ys = [], []
+    for index, record in enumerate(log):
+        value = _finite(_to_number(record.get(_CONTROLLER_PREFIX + key)))
+        if value is None:
+            continue
+        step = _finite(record.get("step"))
+        xs.append(step if step is not None else float(index))
+        ys.append(value)
+    return xs, ys
 
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for key in _CONTROLLER_KEYS:
-        xs, ys = [], []
-        for index, record in enumerate(search.log):
-            value = _finite(_to_number(record.get(_CONTROLLER_PREFIX + key)))
-            if value is None:
-                continue
-            step = _finite(record.get("step"))
-            xs.append(step if step is not None else float(index))
-            ys.append(value)
-        if len(ys) >= 2:
-            series[key.replace("_", " ")] = (xs, ys)
-        if len(series) == 4:
-            break
+
+def _quarter(values: Sequence[float], last: bool) -> float | None:
+    if not values:
+        return None
+    n = max(1, len(values) // 4)
+    part = values[-n:] if last else values[:n]
+    return sum(part) / len(part)
+
+
+def controller_reading(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> list[str]:
+    """Numbers a reader needs to tell a learning controller from a stalled one (first vs last quarter).
+
+    The closing hint is a heuristic, stated as one: KL exactly 0 in every update means the policy never
+    moved; KL below 1e-3 on average with entropy still within 2 % of its maximum means it barely moves.
+    """
+    lines = []
+    ys = {key: list(series[key][1]) for key in series}
+    updates = max((len(v) for v in ys.values()), default=0)
+    if "kl" in ys:
+        lines.append(f"KL(pre || post) per update: first quarter {_fmt(_quarter(ys['kl'], False), 3)}, "
+                     f"last quarter {_fmt(_quarter(ys['kl'], True), 3)}")
+    if "entropy" in ys and "entropy_max" in ys and len(ys["entropy"]) == len(ys["entropy_max"]):
+        ratios = [e / m for e, m in zip(ys["entropy"], ys["entropy_max"]) if m > 0]
+        if ratios:
+            lines.append(f"entropy / maximum: first quarter {_fmt(100 * _quarter(ratios, False), 0)} %, "
+                         f"last quarter {_fmt(100 * _quarter(ratios, True), 0)} %")
+    reward = ys.get("reward_mean")
+    if reward and "baseline" in ys:
+        lines.append(f"batch mean reward: first quarter {_fmt(_quarter(reward, False), 3)}, last quarter "
+                     f"{_fmt(_quarter(reward, True), 3)} (baseline at the end {_fmt(ys['baseline'][-1], 3)})")
+    if "live_share" in ys:
+        lines.append(f"share of the buffer with a gradient: last quarter {_fmt(_quarter(ys['live_share'], True), 2)}")
+    if "kl" in ys and ys["kl"]:
+        ratio_last = None
+        if "entropy" in ys and "entropy_max" in ys and ys["entropy_max"][-1] > 0:
+            ratio_last = ys["entropy"][-1] / ys["entropy_max"][-1]
+        if all(v == 0 for v in ys["kl"]):
+            lines.append("reading: KL is exactly 0 in every update, so the policy never moved (stalled: lr 0, "
+                         "or every advantage 0)")
+        elif (_quarter(ys["kl"], True) or 0.0) < 1e-3 and ratio_last is not None and ratio_last > 0.98:
+            lines.append("reading (heuristic): KL below 1e-3 with entropy at its maximum: the controller barely "
+                         "moves")
+        elif ratio_last is not None and ratio_last < 0.9:
+            lines.append("reading (heuristic): the policy moves (KL > 0) and has become more certain (entropy "
+                         "well below its maximum)")
+    return [f"{updates} controller updates."] + lines if lines else []
+
+
+def _controller_section(rep: _Report, search: SearchData) -> None:
+    from nasfcos.analysis.plots import CONTROLLER_PANELS, plot_controller_diagnostics, plot_scalar_series
+
     rep.add("### Controller")
-    if not series:
-        reason = "no log.jsonl" if not search.log else (
-            f"log.jsonl has no two controller updates with {', '.join(_CONTROLLER_PREFIX + k for k in _CONTROLLER_KEYS[:4])}")
-        rep.add(_note(reason))
+    if not search.log:
+        rep.add(_note("no log.jsonl"))
         return
-    png = plot_scalar_series(series, rep.figure("controller.png"),
+    panel_keys = [key for _, lines in CONTROLLER_PANELS for key, _, _ in lines]
+    series = {}
+    for key in panel_keys:
+        xs, ys = _update_series(search.log, key)
+        if not xs and key == "reward_mean":  # a strategy that does not report it: the loop's own batch mean
+            xs, ys = _update_series(search.log, "batch_reward_mean")
+        if len(ys) >= 2:
+            series[key] = (xs, ys)
+    if "kl" in series or "entropy_max" in series:
+        png = plot_controller_diagnostics(series, rep.figure("controller.png"),
+                                          title="Controller diagnostics (log.jsonl, update/*)")
+        reading = controller_reading(series)
+        rep.add(rep.image(png, "controller diagnostics"),
+                "How to read it: a controller that learns pulls the batch reward and the baseline up, its entropy "
+                "falls away from the maximum (the masked uniform policy's entropy along the same samples) and "
+                "its KL between the policies before and after each update stays clearly above 0; a stalled one "
+                "has flat rewards, entropy at the maximum and KL ~ 0 (exactly 0 if it did not move). The live "
+                "share is the part of the PPO buffer still inside the clip range (1.0 when the buffer is the "
+                "latest batch).",
+                "\n".join(f"- {line}" for line in reading))
+        return
+    # Logs of an older version (approx_kl, clip_fraction computed after the update): the generic panel.
+    legacy: dict[str, tuple[list[float], list[float]]] = {}
+    for key in _CONTROLLER_KEYS:
+        xs, ys = _update_series(search.log, key)
+        if len(ys) >= 2:
+            legacy[key.replace("_", " ")] = (xs, ys)
+        if len(legacy) == 4:
+            break
+    if not legacy:
+        rep.add(_note("log.jsonl has no two controller updates with "
+                      f"{', '.join(_CONTROLLER_PREFIX + k for k in ('kl', 'entropy', 'baseline'))}"))
+        return
+    png = plot_scalar_series(legacy, rep.figure("controller.png"),
                              title="Controller diagnostics from log.jsonl", xlabel="controller update")
     rep.add(rep.image(png, "controller diagnostics"),
-            "Entropy falling means the controller's policy is becoming more certain; the baseline is the "
-            "running reward estimate that PPO's advantages are measured against; approx KL and clip fraction "
-            "compare the updated policy with the policies that sampled the buffer (which keeps older samples "
-            "with their original log-probabilities, so a clip fraction near 1 after a few updates is expected).")
+            "This log predates the diagnostics of nasfcos.search.ppo (KL on samples of the pre-update policy, "
+            "entropy vs its maximum, live share); its approx KL and clip fraction were measured after the "
+            "update and cannot tell a learning controller from a stalled one.")
 
 
 def _to_number(value: Any) -> Any:

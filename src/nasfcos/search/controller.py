@@ -29,6 +29,7 @@ constant is given (it bounds the logits and so keeps some exploration late in th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -169,6 +170,26 @@ class Controller(nn.Module):
         _, log_probs, entropies = self._rollout(n, actions_t, None, masker, False)
         return log_probs, entropies
 
+    def step_log_probs(
+        self,
+        actions: Tensor | Sequence[Sequence[int]],
+        mask_fn: MaskFn | None = None,
+        masks: Sequence[Tensor | None] | None = None,
+    ) -> list[Tensor]:
+        """The full per-step distributions along given action sequences (teacher forcing, as :meth:`evaluate`).
+
+        Returns one ``[n, num_choices[t]]`` tensor of masked log-probabilities per decision (``-inf`` where the
+        mask forbids a choice). Two policies' step distributions along the same prefixes give their KL exactly
+        per step; summed over steps and averaged over prefixes drawn from the first policy, that is an
+        unbiased, never negative estimate of the KL between the two sequence distributions (the chain rule).
+        """
+        actions_t = self._as_actions(actions)
+        n = actions_t.shape[0]
+        masker = _FixedMasks(masks, self.num_decisions) if masks is not None else self._masker(n, mask_fn)
+        steps: list[Tensor] = []
+        self._rollout(n, actions_t, None, masker, False, steps)
+        return steps
+
     def compute_masks(
         self, actions: Tensor | Sequence[Sequence[int]], mask_fn: MaskFn | None = None
     ) -> list[Tensor | None]:
@@ -184,6 +205,26 @@ class Controller(nn.Module):
             result.append(mask)
             masker.push(actions_t[:, t].tolist())
         return result
+
+    def uniform_entropy(self, masks: Sequence[Tensor | None], n: int) -> Tensor:
+        """Per-sequence ``sum_t log(#allowed choices at t)`` along the ``n`` paths of ``masks`` (:meth:`compute_masks`).
+
+        That is the entropy of the *masked uniform* policy (uniform among the allowed choices at every step)
+        along each path, the most a per-step distribution can have there; the controller starts close to it
+        (small uniform weights). Its mean over sequences drawn from a policy is the yardstick for that
+        policy's entropy: a learning controller moves away from it, a stalled one stays near it. ``None``
+        masks mean "every choice allowed". (The log of the number of valid sequences, ``log(space.size())``,
+        is larger: masking makes per-step uniform sampling non-uniform over whole sequences.)
+        """
+        if len(masks) != self.num_decisions:
+            raise ValueError(f"masks must have {self.num_decisions} entries (got {len(masks)})")
+        total = torch.zeros(n, dtype=torch.float64)
+        for count, mask in zip(self.num_choices, masks):
+            if mask is None:
+                total += math.log(count)
+            else:
+                total += mask.sum(dim=1).to(device="cpu", dtype=torch.float64).log()
+        return total
 
     # ------------------------------------------------------------------ internals
 
@@ -231,8 +272,10 @@ class Controller(nn.Module):
         generator: torch.Generator | None,
         masker: _Masker,
         greedy: bool,
+        steps: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the LSTM over all positions, sampling (``actions is None``) or teacher-forcing."""
+        """Run the LSTM over all positions, sampling (``actions is None``) or teacher-forcing; ``steps``
+        (if given) collects each position's masked log-probabilities."""
         device = self.start.device
         num_decisions = self.num_decisions
         chosen = torch.empty(n, num_decisions, dtype=torch.long, device=device)
@@ -248,6 +291,8 @@ class Controller(nn.Module):
                 self._check_mask(t, mask)
                 logits = logits.masked_fill(~mask, float("-inf"))
             log_p = torch.log_softmax(logits, dim=-1)
+            if steps is not None:
+                steps.append(log_p)
             if actions is None:
                 if greedy:
                     action = log_p.detach().argmax(dim=-1)

@@ -298,3 +298,21 @@ def test_real_trainer_and_proxy_with_an_interrupted_training(tmp_path: Path, mon
     report = (run_dir / "report.md").read_text()
     assert "| tiny | loss (search) |" in report and "| tiny | ap |" in report
     assert (run_dir / "figures" / "fidelity_scatter.png").is_file()
+
+
+@pytest.mark.slow
+def test_benchmark_wrapper_quick_modes(tmp_path: Path) -> None:
+    """``benchmarks/proxy_fidelity.py --quick``: the study and the timed estimate write well-formed results."""
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    import proxy_fidelity
+
+    study = proxy_fidelity.main(["--quick", "--threads", "1", "--run", str(tmp_path / "run"),
+                                 "--out-dir", str(tmp_path / "out")])
+    assert study["units_run_now"] == 10 and study["summary"]["units"]["finished"] == 10
+    assert (tmp_path / "out" / "proxy_fidelity.md").read_text().startswith("# Proxy fidelity study")
+    estimate = proxy_fidelity.main(["--estimate", "--quick", "--threads", "1", "--sample-iters", "3",
+                                    "--sample-decoders", "2", "--out-dir", str(tmp_path / "out")])
+    stages = estimate["stages"]
+    assert [stages[s]["units"] for s in ("proxy", "seed-spread", "reference")] == [6, 2, 2]
+    assert all(s["wall_s"] >= 0 for s in stages.values())
+    assert estimate["total_wall_s"] == pytest.approx(sum(s["wall_s"] for s in stages.values()))

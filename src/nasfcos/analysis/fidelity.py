@@ -635,6 +635,9 @@ def run_fidelity(
             for i, unit in enumerate(stage_todo, start=1):
                 if len(summary.ran) >= budget:
                     break
+                if unit.kind == "reference":  # minutes long: say what is running
+                    say(f"[{stage} {done_before + i}/{len(stage_units)}] {unit.id}: training "
+                        f"{cfg.reference.iters} iterations ...")
                 record = _run_unit(unit, scorers, ctx)
                 atomic_write_json(unit.record_path(run_dir), record)
                 records[unit.id] = record

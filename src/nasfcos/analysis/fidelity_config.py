@@ -111,7 +111,7 @@ class ReferenceSettings:
     frozen, only the decoder trains, as in the demo's final training; 0: everything trains)."""
 
     width: int = 64
-    iters: int = 300
+    iters: int = 400
     batch_size: int = 8
     base_lr: float = 0.01
     freeze_at: int = 5
@@ -174,11 +174,14 @@ class ProxySetting:
 
 
 def _default_proxies() -> tuple[ProxySetting, ...]:
+    """The settings of ``configs/fidelity-cpu.yaml``: the demo's proxy, ``configs/proxy-cpu.yaml``'s, more epochs,
+    half the cached images."""
     cpu = dict(batch_size=32, lr=8e-4, device="cpu", threads=1, early_stop=False, compute_ap=True)
     return (
-        ProxySetting(name="w16-e3", proxy=ProxyConfig(width=16, epochs=3, **cpu)),
-        ProxySetting(name="w32-e3", proxy=ProxyConfig(width=32, epochs=3, **cpu)),
+        ProxySetting(name="demo-w16-e3", proxy=ProxyConfig(width=16, epochs=3, **cpu)),
+        ProxySetting(name="w32-e4", proxy=ProxyConfig(width=32, epochs=4, **{**cpu, "batch_size": 16})),
         ProxySetting(name="w16-e6", proxy=ProxyConfig(width=16, epochs=6, **cpu)),
+        ProxySetting(name="w16-e3-n160", cache=CacheSettings(images=160), proxy=ProxyConfig(width=16, epochs=3, **cpu)),
     )
 
 

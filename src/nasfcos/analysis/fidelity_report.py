@@ -188,6 +188,8 @@ def plot_fidelity(summary: Mapping[str, Any], out_png: str | Path) -> Path | Non
     if not rows or not reference:
         return None
     kinds = {d["name"]: d["kind"] for d in summary["decoders"]}
+    spread = {n: v for n, v in summary["seed_spread"]["per_decoder"].items()
+              if _finite(v.get("min")) is not None and _finite(v.get("max")) is not None}
     cols = min(3, len(rows))
     nrows = math.ceil(len(rows) / cols)
     fig = new_figure(figsize=(4.2 * cols, 3.6 * nrows))
@@ -199,12 +201,17 @@ def plot_fidelity(summary: Mapping[str, Any], out_png: str | Path) -> Path | Non
             chosen = [n for n in names if kinds.get(n) == kind]
             ax.scatter([100 * reference[n] for n in chosen], [scores[n] for n in chosen], s=22, c=colour,
                        marker=marker, label=kind, alpha=0.85)
+        for n in names:  # seed-spread decoders: the range of their AP over seeds, as a horizontal bar
+            if n in spread:
+                lo, hi = spread[n]["min"], spread[n]["max"]
+                ax.errorbar([100 * reference[n]], [scores[n]], fmt="none", ecolor="#7f7f7f", capsize=2, lw=1,
+                            xerr=[[100 * max(0.0, reference[n] - lo)], [100 * max(0.0, hi - reference[n])]])
         for n in names:
             ax.annotate(_label(n), (100 * reference[n], scores[n]), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         tau, rho = row["tau"]["value"], row["rho"]["value"]
         ax.set_title(f"{row['setting']} ({row['reward']}): tau {tau:.2f}, rho {rho:.2f}", fontsize=9)
-        ax.set_xlabel("reference AP (%)", fontsize=8)
+        ax.set_xlabel("reference AP (%)" + ("; bars: range over seeds" if spread else ""), fontsize=8)
         ax.set_ylabel("proxy: -meta-val loss" if row["reward"] == "loss" else "proxy: meta-val AP", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -285,6 +292,11 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
     if recommended:
         lines.append(f"Cheapest setting whose tau lies within the interval of the best one: "
                      f"**{recommended['setting']} ({recommended['reward']})**.")
+        ranked = [r for r in rows if _finite(r["tau"]["value"]) is not None]
+        best = max(ranked, key=lambda r: r["tau"]["value"])
+        if not (_finite(best["tau"]["low"]) or 0.0) > 0:
+            lines.append(f"*The best tau's interval ({_interval(best['tau'])}) includes 0: no setting is shown to "
+                         "rank better than chance, so this choice is by cost alone.*")
     lines.append("")
     if figure:
         lines += [f"![proxy score against reference AP]({figure})", ""]

@@ -213,6 +213,21 @@ def test_failed_units_are_recorded_counted_and_retried_on_request(tmp_path: Path
     assert again.calls == ["proxy/other/nas-fcos"]
 
 
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    cfg = _config(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a+") as held:  # what a running study holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        scorers = FakeScorers()
+        with pytest.raises(UserError, match="another `nasfcos fidelity` is running"):
+            run_fidelity(run_dir, cfg, scorers=scorers, say=lambda _: None)
+        assert scorers.calls == []
+    assert run_fidelity(run_dir, cfg, scorers=FakeScorers(), say=lambda _: None).remaining == 0
+
+
 def test_sigkilled_command_resumes_with_exactly_the_remaining_units(tmp_path: Path) -> None:
     """A real ``nasfcos fidelity`` process SIGKILLs itself as its 8th unit starts; the rerun does the rest."""
     config = tmp_path / "study.yaml"

@@ -41,7 +41,8 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -596,6 +597,34 @@ def run_fidelity(
     decoders = study_decoders(cfg)
     units = plan_units(cfg, decoders, backbone_identity(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir):
+        return _run_locked(run_dir, cfg, decoders, units, scorers, stages, max_units, retry_failed, report, say,
+                           verbose, started)
+
+
+@contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN/.lock`` so that two processes never run the same study's units at once (POSIX ``flock``; the
+    lock goes with the process, so a killed run never leaves a stale one)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no protection, as before
+        yield
+        return
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{run_dir}: another `nasfcos fidelity` is running in this folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _run_locked(run_dir: Path, cfg: FidelityConfig, decoders: list[StudyDecoder], units: list[Unit],
+                scorers: Any, stages: Sequence[str], max_units: int | None, retry_failed: bool, report: bool,
+                say: Callable[[str], None], verbose: bool, started: float) -> StudySummary:
     save_study_files(run_dir, cfg, decoders)
     ctx = StudyContext(run_dir, cfg, say, verbose)
     if scorers is None:

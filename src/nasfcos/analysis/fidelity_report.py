@@ -85,6 +85,8 @@ def cheapest_within_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]
 def summarise(cfg: Any, decoders: Sequence[Any], units: Sequence[Any], records: Mapping[str, Mapping[str, Any]]
               ) -> dict[str, Any]:
     """The study's tables (module docstring) from its settings, decoders, planned units and unit records."""
+    from nasfcos.analysis.fidelity import STAGES
+
     by_id = {u.id: u for u in units}
     done = {uid: rec for uid, rec in ((u.id, _ok(records, u)) for u in units) if rec is not None}
     failed = sorted(u.id for u in units if u.id in records and records[u.id].get("fingerprint") == u.fingerprint
@@ -166,7 +168,7 @@ def summarise(cfg: Any, decoders: Sequence[Any], units: Sequence[Any], records: 
         "proxy_scores": proxy_scores,
         "recommended": None if best is None else {"setting": best["setting"], "reward": best["reward"]},
         "units": {"total": len(units), "finished": len(done), "failed": failed, "missing": missing},
-        "seconds_by_stage": seconds_by_stage,
+        "seconds_by_stage": {stage: seconds_by_stage[stage] for stage in STAGES if stage in seconds_by_stage},
     }
 
 

@@ -1,22 +1,41 @@
-"""Does the controller learn? PPO against random search on the same cache, proxy task and budget.
+"""Does the controller learn on the real proxy? PPO against random search, same cache, preset and budget.
 
-Runs ``nasfcos.search.loop.run_search`` twice per seed — ``strategy=ppo`` into ``OUT/seed<S>/search`` and
-``strategy=random`` into ``OUT/seed<S>/search-random`` (the layout ``nasfcos report`` compares) — and reports,
-per strategy: the mean reward of the first and of the last quarter of the budget (the paper's Fig. 8 claim
-is that it rises), the best reward, and the mean of the five best (what full training would pick from).
-Failed and pruned candidates carry penalty rewards, not measurements, so the means use completed ones only.
+For every seed and strategy, one resumable search run folder (``OUT/seed<S>/search`` for PPO and
+``OUT/seed<S>/search-random``, the layout ``nasfcos report`` compares) made by the real
+:func:`nasfcos.search.loop.run_search` with the CPU preset (``configs/search-cpu.yaml``: its proxy section,
+executor and PPO settings) and the given budget. A killed benchmark continues where it stopped: a finished run
+is only re-read, a partial one is resumed (``resume=True``), a new one is started.
 
-Example (after ``nasfcos demo`` made a cache)::
+Per run, from the results store and ``log.jsonl``: the mean reward of each quarter of the evaluations (in
+evaluation order; the paper's Fig. 8 claim is that PPO's rises), the best reward, the mean of the five best
+(what full training would pick from), the share of dcn3x3 FPN ops in the last quarter (what the paper's
+controller converged to), and the controller diagnostics (KL per update, entropy / its maximum, live share of
+the buffer; first and last quarter of the updates). Failed candidates carry penalty rewards and pruned ones a
+loss measured after fewer epochs, so the reward statistics use completed (``ok``) candidates only; the counts
+say how many there were. Per strategy, over the seeds: mean, standard deviation and range of each statistic.
 
-    python benchmarks/search_ppo_vs_random.py --cache runs/demo/cache --budget 40 --out runs/ppo-vs-random
+Results are merged into ``benchmarks/results/search_ppo_vs_random.json`` / ``.md`` (``--out-dir``): each run is
+an entry keyed by strategy, seed, budget and settings, replaced when re-measured, kept otherwise, so seeds can
+be added run by run. The study in the README::
+
+    nasfcos data synth --out runs/data/synth
+    nasfcos cache --data runs/data/synth --format synthetic --backbone resnet18 --crop 128 --out runs/cache/synth-r18
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/search_ppo_vs_random.py \\
+        --cache runs/cache/synth-r18 --budget 200 --seeds 0,1 --out runs/ppo-vs-random
+
+``--evaluator MODULE:FUNCTION`` replaces the proxy (what the tests use, with a cheap fake evaluator).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,111 +43,287 @@ import _common
 
 _common.ensure_src_on_path()
 
+NAME = "search_ppo_vs_random"
+FOLDERS = {"ppo": "search", "random": "search-random"}
+STATS = ("q1", "q2", "q3", "q4", "best", "top5_mean")
+DIAGNOSTICS = ("kl", "entropy_ratio", "live_share", "clip_fraction")
 
-def strategy_stats(store_path: Path) -> dict[str, Any]:
-    """Reward statistics of one finished search."""
-    from nasfcos.analysis.plots import quarter_means
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def quarter_means(rewards: Sequence[float | None]) -> list[float | None]:
+    """Mean of the non-``None`` rewards in each quarter of the sequence (quarters by position, so that an
+    early quarter of PPO is compared with the same evaluations of random search)."""
+    n = len(rewards)
+    out: list[float | None] = []
+    for q in range(4):
+        part = [r for r in rewards[q * n // 4:(q + 1) * n // 4] if r is not None]
+        out.append(statistics.fmean(part) if part else None)
+    return out
+
+
+def _dcn_share(genotype_jsons: Sequence[str]) -> float | None:
+    from nasfcos.space.genotype import Genotype
+
+    ops = []
+    for text in genotype_jsons:
+        fpn = Genotype.from_json(text).fpn
+        if isinstance(fpn, tuple):
+            ops += [op for cell in fpn for op in (cell.op1, cell.op2)]
+    return sum(op == "dcn3x3" for op in ops) / len(ops) if ops else None
+
+
+def _update_diagnostics(log_path: Path) -> dict[str, Any]:
+    """First- and last-quarter means of the controller's update/* diagnostics in ``log.jsonl``."""
+    from nasfcos.logs import read_log
+
+    series: dict[str, list[float]] = {key: [] for key in DIAGNOSTICS}
+    if log_path.is_file():
+        for record in read_log(log_path):
+            if not isinstance(record, dict):
+                continue
+            for key in DIAGNOSTICS:
+                value = record.get(f"update/{key}")
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    series[key].append(float(value))
+    out: dict[str, Any] = {"updates": max(len(v) for v in series.values())}
+    for key, values in series.items():
+        n = max(1, len(values) // 4)
+        out[f"{key}_first"] = statistics.fmean(values[:n]) if values else None
+        out[f"{key}_last"] = statistics.fmean(values[-n:]) if values else None
+    return out
+
+
+def run_stats(run_dir: Path) -> dict[str, Any]:
+    """Reward statistics and controller diagnostics of one search run folder."""
     from nasfcos.search.store import ResultStore
 
-    with ResultStore(store_path, readonly=True) as store:
+    with ResultStore(run_dir / "store.sqlite", readonly=True) as store:
         rows = store.all()
-    completed = [r.reward for r in rows if r.status == "ok" and r.reward is not None]
-    first, last = quarter_means(completed) or (float("nan"), float("nan"))
-    best = sorted(completed, reverse=True)
-    return {
+    ok = [r.reward if r.status == "ok" else None for r in rows]
+    completed = sorted((r for r in ok if r is not None), reverse=True)
+    quarters = quarter_means(ok)
+    last_quarter = rows[len(rows) - len(rows) // 4:] if len(rows) >= 4 else rows
+    stats: dict[str, Any] = {
         "evaluated": len(rows),
         "completed": len(completed),
         "failed": sum(r.status == "failed" for r in rows),
         "pruned": sum(r.status == "pruned" for r in rows),
-        "first_quarter_mean": first,
-        "last_quarter_mean": last,
-        "rise": last - first,
-        "best": best[0] if best else float("nan"),
-        "top5_mean": statistics.fmean(best[:5]) if best else float("nan"),
-        "dcn_ops_last_quarter": _dcn_share(rows[-max(1, len(rows) // 4):]),
+        **{f"q{i + 1}": value for i, value in enumerate(quarters)},
+        "best": completed[0] if completed else None,
+        "top5_mean": statistics.fmean(completed[:5]) if completed else None,
+        "dcn_share_q4": _dcn_share([r.genotype_json for r in last_quarter if r.status == "ok"]),
+        "candidate_seconds": sum(r.wall_time_s or 0.0 for r in rows),
     }
+    stats.update(_update_diagnostics(run_dir / "log.jsonl"))
+    return stats
 
 
-def _dcn_share(rows: list[Any]) -> float:
-    """Share of FPN unary ops that are deformable among the given candidates (what the paper's controller found)."""
-    from nasfcos.space.genotype import Genotype
-
-    ops = [op for r in rows for cell in Genotype.from_json(r.genotype_json).fpn for op in (cell.op1, cell.op2)]
-    return sum(op == "dcn3x3" for op in ops) / max(1, len(ops))
+# ------------------------------------------------------------------------------------------------ across seeds
 
 
-def main(argv: list[str] | None = None) -> int:
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (``None`` for one value), min and max of the values that exist."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else None,
+            "min": min(present), "max": max(present), "n": len(present)}
+
+
+def aggregate(runs: Mapping[str, Mapping[str, Any]], settings_key: str) -> dict[str, dict[str, Any]]:
+    """Per strategy, over the seeds measured with ``settings_key``: :func:`spread` of every statistic."""
+    out: dict[str, dict[str, Any]] = {}
+    for strategy in FOLDERS:
+        chosen = [r for r in runs.values() if r["settings_key"] == settings_key and r["strategy"] == strategy]
+        if not chosen:
+            continue
+        keys = list(STATS) + ["dcn_share_q4"] + [f"{d}_{w}" for d in DIAGNOSTICS for w in ("first", "last")]
+        out[strategy] = {"seeds": sorted(r["seed"] for r in chosen),
+                         **{key: spread([r["stats"].get(key) for r in chosen]) for key in keys}}
+    return out
+
+
+def _pm(s: Mapping[str, Any], digits: int = 3) -> str:
+    if s["mean"] is None:
+        return "-"
+    text = f"{s['mean']:.{digits}f}"
+    if s["std"] is not None:
+        text += f" ± {s['std']:.{digits}f}"
+    return text
+
+
+def verdict(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What the table says, in words, without claiming more than the seeds support."""
+    if "ppo" not in summary or "random" not in summary:
+        return ["only one strategy measured so far"]
+    lines = []
+    ppo, rnd = summary["ppo"], summary["random"]
+    for key, label in (("q4", "last-quarter mean reward"), ("top5_mean", "top-5 mean"), ("best", "best reward")):
+        p, r = ppo[key], rnd[key]
+        if p["mean"] is None or r["mean"] is None:
+            continue
+        if p["min"] > r["max"]:
+            ranges = "every PPO seed above every random seed"
+        elif p["max"] < r["min"]:
+            ranges = "every PPO seed below every random seed"
+        else:
+            ranges = "the seed ranges overlap"
+        relation = "above" if p["mean"] > r["mean"] else "not above"
+        lines.append(f"PPO {label} {relation} random ({_pm(p)} vs {_pm(r)}; {ranges})")
+    p1, p4 = ppo["q1"]["mean"], ppo["q4"]["mean"]
+    r1, r4 = rnd["q1"]["mean"], rnd["q4"]["mean"]
+    if None not in (p1, p4, r1, r4):
+        lines.append(f"rise from Q1 to Q4: PPO {p4 - p1:+.3f}, random {r4 - r1:+.3f}")
+    return lines
+
+
+def markdown_of(record: Mapping[str, Any]) -> str:
+    s = record["settings"]
+    summary = record["summary"]
+    lines = [
+        "## PPO vs random search on the proxy task (same cache, preset and budget)", "",
+        f"Preset `{s['config']}`, budget {s['budget']} evaluations per run, batch {s['batch_size']}, "
+        f"evaluator `{s['evaluator']}`, cache `{s['cache']}`. Mean ± standard deviation over the seeds "
+        "(range in brackets); rewards of completed candidates only.", "",
+        _common.machine_line(record["machine"], record["load"]), "",
+    ]
+    rows = []
+    for strategy, agg in summary.items():
+        row: list[Any] = [strategy, ",".join(map(str, agg["seeds"]))]
+        for key in STATS:
+            cell = _pm(agg[key])
+            if agg[key]["n"] > 1:
+                cell += f" [{agg[key]['min']:.3f}, {agg[key]['max']:.3f}]"
+            row.append(cell)
+        row.append(_pm(agg["dcn_share_q4"], 2))
+        rows.append(row)
+    lines += [_common.markdown_table(["strategy", "seeds", "Q1", "Q2", "Q3", "Q4", "best", "top-5 mean",
+                                      "dcn share Q4"], rows), ""]
+    if "ppo" in summary:
+        agg = summary["ppo"]
+        lines += ["Controller diagnostics (PPO runs; mean over seeds of the first / last quarter of the updates):",
+                  "", _common.markdown_table(
+                      ["diagnostic", "first quarter", "last quarter"],
+                      [[key, _pm(agg[f"{key}_first"]), _pm(agg[f"{key}_last"])] for key in DIAGNOSTICS]), ""]
+    run_rows = []
+    for run in sorted(record["runs"].values(), key=lambda r: (r["strategy"], r["seed"])):
+        if run["settings_key"] != s["settings_key"]:
+            continue
+        st = run["stats"]
+        run_rows.append([run["strategy"], run["seed"], st["evaluated"], st["failed"], st["pruned"], st["q1"], st["q4"],
+                         st["best"], st["top5_mean"], st.get("kl_last"), st.get("entropy_ratio_last"),
+                         st["candidate_seconds"], run["measured"]])
+    lines += ["Runs:", "", _common.markdown_table(
+        ["strategy", "seed", "evaluated", "failed", "pruned", "Q1", "Q4", "best", "top-5 mean", "KL (last q.)",
+         "entropy / max (last q.)", "candidate s", "measured"], run_rows), ""]
+    lines += [f"- {line}" for line in record["verdict"]]
+    lines += [f"- {note}" for note in record.get("notes", [])]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _settings_key(cfg: Any, evaluator: str | None) -> str:
+    """Digest of everything that makes two runs comparable (search and proxy settings, cache, evaluator)."""
+    from nasfcos.config import config_to_dict
+
+    data = config_to_dict(cfg)
+    search = dict(data["search"])
+    for key in ("seed", "strategy", "workers", "worker_threads", "executor", "tensorboard"):
+        search.pop(key, None)  # the same study whatever machine runs it
+    payload = {"search": search, "proxy": data["proxy"], "evaluator": evaluator,
+               "cache": None if cfg.cache is None else _common.display_path(cfg.cache)}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _previous_runs(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / f"{NAME}.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    runs = data.get("runs")
+    return dict(runs) if isinstance(runs, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", required=True, help="feature cache folder (nasfcos cache / nasfcos demo)")
-    parser.add_argument("--budget", type=int, default=40, help="distinct candidates per strategy")
-    parser.add_argument("--batch", type=int, default=4, help="candidates per policy update")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--proxy-config", default=str(_common.ROOT / "configs" / "proxy-cpu.yaml"))
-    parser.add_argument("--executor", default="inline", choices=("inline", "process", "ray"))
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--out", default="runs/ppo-vs-random", help="folder for the searches")
+    parser.add_argument("--cache", default=None,
+                        help="feature cache folder (nasfcos cache / nasfcos demo); required for the proxy task")
+    parser.add_argument("--config", default=str(_common.ROOT / "configs" / "search-cpu.yaml"),
+                        help="search preset (default configs/search-cpu.yaml)")
+    parser.add_argument("--budget", type=int, default=200, help="distinct evaluations per run (default 200)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--strategies", default="ppo,random", help="comma-separated (default ppo,random)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override, e.g. --set search.workers=1 (repeatable)")
+    parser.add_argument("--evaluator", default=None, help="MODULE:FUNCTION instead of the proxy task (tests)")
+    parser.add_argument("--python-path", action="append", default=[],
+                        help="folder to import the evaluator's module from (repeatable)")
+    parser.add_argument("--out", default="runs/ppo-vs-random", help="folder for the search runs")
     _common.add_common_arguments(parser, threads=1)
     args = parser.parse_args(argv)
+    if args.cache is None and args.evaluator is None:
+        parser.error("--cache is required unless --evaluator replaces the proxy task")
 
-    from nasfcos.config import config_from_dict, load_config
-    from nasfcos.search.config import ProxyConfig, SearchConfig, SearchRunConfig
+    from nasfcos.search.config import load_search_run_config
     from nasfcos.search.loop import run_search
 
     threads = _common.set_threads(args.threads)
-    budget = 4 if args.quick else args.budget
-    proxy_overrides = [f"threads={threads}", "device=cpu"] + (["epochs=1", "max_train_batches=1"] if args.quick else [])
-    proxy_cfg = load_config(ProxyConfig, args.proxy_config, proxy_overrides)
+    strategies = [s.strip() for s in args.strategies.split(",")]
+    for strategy in strategies:
+        if strategy not in FOLDERS:
+            raise SystemExit(f"--strategies: unknown strategy {strategy!r}; expected ppo and/or random")
     seeds = [int(s) for s in args.seeds.split(",")]
-    record = _common.start_record(
-        "search_ppo_vs_random",
-        {"cache": _common.display_path(args.cache), "budget": budget, "batch": args.batch, "seeds": seeds,
-         "proxy": {k: getattr(proxy_cfg, k) for k in ("width", "epochs", "batch_size", "lr", "early_stop")}},
-        threads,
-    )
-    started = time.perf_counter()
-    results: dict[str, list[dict[str, Any]]] = {"ppo": [], "random": []}
-    for seed in seeds:
-        for strategy, folder in (("ppo", "search"), ("random", "search-random")):
-            run_dir = Path(args.out) / f"seed{seed}" / folder
-            search_cfg = config_from_dict(SearchConfig, {
-                "budget": budget, "batch_size": args.batch, "strategy": strategy, "seed": seed,
-                "executor": args.executor, "workers": args.workers, "top_k": 5,
-            }, source="benchmark")
-            t0 = time.perf_counter()
-            run_search(run_dir, SearchRunConfig(str(args.cache), search_cfg, proxy_cfg),
-                       resume=(run_dir / "store.sqlite").is_file(), progress=not args.quick)
-            stats = strategy_stats(run_dir / "store.sqlite")
-            stats.update(seed=seed, seconds=round(time.perf_counter() - t0, 1), run_dir=_common.display_path(run_dir))
-            results[strategy].append(stats)
-    record["results"] = results
-    _common.finish_record(record, started)
+    budget = 4 if args.quick else args.budget
+    overrides = [f"search.budget={budget}", *args.overrides]
+    if args.quick:
+        overrides += ["proxy.epochs=1", "proxy.max_train_batches=1"]
+    base_cfg = load_search_run_config(args.config, overrides=overrides)
+    import dataclasses
 
-    rows = []
-    for strategy, runs in results.items():
-        for stats in runs:
-            rows.append([strategy, stats["seed"], stats["completed"], stats["first_quarter_mean"],
-                         stats["last_quarter_mean"], stats["rise"], stats["best"], stats["top5_mean"],
-                         stats["dcn_ops_last_quarter"], stats["seconds"]])
-    table = _common.markdown_table(
-        ["strategy", "seed", "completed", "mean reward Q1", "mean reward Q4", "Q4 - Q1", "best", "top-5 mean",
-         "dcn share Q4", "seconds"],
-        rows,
-    )
-    verdict = []
-    for p, r in zip(results["ppo"], results["random"]):
-        verdict.append(
-            f"seed {p['seed']}: PPO last-quarter mean {'above' if p['last_quarter_mean'] > r['last_quarter_mean'] else 'NOT above'} "
-            f"random ({p['last_quarter_mean']:.3f} vs {r['last_quarter_mean']:.3f}); PPO top-5 mean "
-            f"{'above' if p['top5_mean'] > r['top5_mean'] else 'NOT above'} random ({p['top5_mean']:.3f} vs {r['top5_mean']:.3f})"
-        )
-    record["verdict"] = verdict
-    markdown = "\n".join([
-        "## PPO vs random search (same cache, proxy task and budget)", "",
-        _common.machine_line(record["machine"], record["load"]), "", table, "", *[f"- {v}" for v in verdict],
-    ])
-    _common.report(markdown, _common.write_outputs(record, markdown, args.out_dir))
-    return 0
+    if args.cache is not None:
+        base_cfg = dataclasses.replace(base_cfg, cache=str(args.cache))
+    settings_key = _settings_key(base_cfg, args.evaluator)
+    out_dir = Path(args.out_dir)
+    record = _common.start_record(NAME, {
+        "config": _common.display_path(args.config),
+        "cache": None if args.cache is None else _common.display_path(args.cache), "budget": budget,
+        "batch_size": base_cfg.search.batch_size, "seeds": seeds, "strategies": strategies,
+        "evaluator": args.evaluator or "proxy task", "overrides": overrides, "settings_key": settings_key,
+        "ppo": dataclasses.asdict(base_cfg.search.ppo),
+        "proxy": {k: getattr(base_cfg.proxy, k) for k in ("width", "epochs", "batch_size", "lr", "early_stop")},
+    }, threads)
+    started = time.perf_counter()
+    runs = _previous_runs(out_dir)
+    for seed in seeds:
+        for strategy in strategies:
+            run_dir = Path(args.out) / f"seed{seed}" / FOLDERS[strategy]
+            cfg = dataclasses.replace(base_cfg, search=dataclasses.replace(base_cfg.search, strategy=strategy, seed=seed))
+            resume = (run_dir / "store.sqlite").is_file()
+            t0 = time.perf_counter()
+            summary = run_search(run_dir, cfg, resume=resume, evaluator=args.evaluator,
+                                 python_path=args.python_path or None, progress=not args.quick)
+            stats = run_stats(run_dir)
+            key = f"{settings_key}/{strategy}/seed{seed}"
+            runs[key] = {"strategy": strategy, "seed": seed, "budget": budget, "settings_key": settings_key,
+                         "run_dir": _common.display_path(run_dir), "stop_reason": summary.stop_reason,
+                         "resumed": resume, "seconds_this_invocation": round(time.perf_counter() - t0, 1),
+                         "measured": record["machine"]["date"], "stats": stats}
+            print(f"{strategy} seed {seed}: {stats['evaluated']} evaluated, best {stats['best']}, "
+                  f"Q1 {stats['q1']} -> Q4 {stats['q4']}", flush=True)
+    record["runs"] = runs
+    record["summary"] = aggregate(runs, settings_key)
+    record["verdict"] = verdict(record["summary"])
+    return _common.conclude(record, started, markdown_of, out_dir,
+                            robust="rewards do not depend on the load, only the candidate seconds do")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)

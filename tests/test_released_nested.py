@@ -70,21 +70,25 @@ def test_genotype_files_and_inline_arch_accept_both(tmp_path: Path, spelling: ob
         assert resolve_preset(text).genotype == EXPECTED
 
 
-def profile_params(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+def profile_counts(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    """Exact parameter and MAC counts `nasfcos profile` writes for ``--arch ...`` (``--json``)."""
+    out = tmp_path / "profile.json"
     capsys.readouterr()
-    assert main(["profile", "--backbone", "resnet18", "--size", "64x64", "--num-classes", "6", *argv]) == 0
-    return capsys.readouterr().out
+    assert main(["profile", "--backbone", "resnet18", "--size", "64x64", "--num-classes", "6",
+                 "--fpn-width", "32", "--head-width", "32", "--json", str(out), *argv]) == 0
+    data = json.loads(out.read_text())
+    return {part: (data[part]["params"], data[part]["macs"]) for part in ("whole", "decoder")}
 
 
 def test_cli_arch_accepts_the_pasted_nested_literal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`--arch '<literal>'` and `--arch file.json` profile to exactly the preset's numbers."""
+    """`--arch '<literal>'` and `--arch file.json` profile to exactly the preset's counts."""
     path = tmp_path / "nested.json"
     path.write_text(json.dumps(NESTED))
-    widths = ["--fpn-width", "32", "--head-width", "32"]
-    preset = profile_params(["--arch", "nas-fcos", *widths], capsys)
-    assert profile_params(["--arch", json.dumps(NESTED), *widths], capsys) == preset
-    assert profile_params(["--arch", str(path), *widths], capsys) == preset
-    assert profile_params(["--arch", json.dumps(FLAT), *widths], capsys) == preset
+    preset = profile_counts(["--arch", "nas-fcos"], tmp_path, capsys)
+    assert preset != profile_counts(["--arch", "fpn-fcos"], tmp_path, capsys)  # the counts tell decoders apart
+    assert profile_counts(["--arch", json.dumps(NESTED)], tmp_path, capsys) == preset
+    assert profile_counts(["--arch", str(path)], tmp_path, capsys) == preset
+    assert profile_counts(["--arch", json.dumps(FLAT)], tmp_path, capsys) == preset
 
 
 BAD = [

@@ -96,7 +96,7 @@ def _train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, *, resume: bool
     device = dist_info.device
     seed_everything(cfg.runtime.seed, dist_info.rank)
     if not main_process:
-        barrier()  # rank 0 reads (and for a missing synthetic set, makes) the data first
+        barrier()  # rank 0 reads (and checks) the data first
     train_set = load_split(cfg.data, "train", seed=cfg.runtime.seed)
     val_set = load_split(cfg.data, "val", seed=cfg.runtime.seed)
     if main_process and dist_info.is_distributed:

@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def test_as_result_makes_plain_numbers_and_fails_what_cannot_be_a_result() -> None:
     got = as_result({"reward": np.float32(-1.5), "params": np.int64(12), "gmacs": "0.25", "epochs_run": 3.0,
                      "history": [{"epoch": 1}], "unknown": 1}, wall_time_s=2.0)
-    assert got == EvaluationResult(status="ok", reward=-1.5, params=12, gmacs=0.25, epochs_run=3)
+    assert got == EvaluationResult(status="ok", reward=-1.5, params=12, gmacs=0.25, epochs_run=3,
+                                   metrics={"unknown": 1.0})
     assert type(got.reward) is float and type(got.params) is int and got.wall_time_s == 2.0
     assert got.history == ({"epoch": 1},)
     assert as_result(got) == got and as_result(got, wall_time_s=9.0).wall_time_s == got.wall_time_s
@@ -25,7 +26,9 @@ def test_as_result_makes_plain_numbers_and_fails_what_cannot_be_a_result() -> No
     assert as_result({"status": "pruned", "reward": float("inf")}).error.startswith("evaluator returned a non-finite")
     assert as_result({"status": "failed", "reward": None, "error": "OOM"}) == EvaluationResult.failure("OOM")
     assert "status 'weird'" in as_result({"status": "weird", "reward": 1.0}).error
-    assert as_result(3.0).status == "failed"
+    assert as_result(3.0) == EvaluationResult(reward=3.0)  # a bare number is the reward
+    for unusable in ("0.5", None, True, [1.0], np.ones(2)):
+        assert as_result(unusable).status == "failed", unusable
     with pytest.raises(ValueError, match="status"):
         EvaluationResult(status="done", reward=1.0)
 

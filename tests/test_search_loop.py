@@ -306,8 +306,8 @@ def test_config_yaml_is_written_and_checked_on_resume(tmp_path: Path) -> None:
 def test_run_search_takes_the_run_config_whole(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"cfg: SearchRunConfig"):
         run_search(tmp_path / "run", quick_cfg())  # a SearchConfig alone is not the run
-    with pytest.raises(UserError, match="cache: required"):
-        run_search(tmp_path / "run", SearchRunConfig(search=quick_cfg()), evaluator=deterministic_evaluator)
+    with pytest.raises(UserError, match="cache: required"):  # the proxy task needs one (an evaluator of your own not)
+        run_search(tmp_path / "run", SearchRunConfig(search=quick_cfg()))
     assert not (tmp_path / "run").exists()
 
 
@@ -353,15 +353,14 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_search_runs_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_search_runs_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nasfcos.cli import main
 
-    monkeypatch.setenv("NASFCOS_TEST_EVALUATOR", "test_search_loop:deterministic_evaluator")
     run_dir = tmp_path / "run"
     common = ["--set", "search.tensorboard=false", "--set", "search.ppo.epochs=1",
               "--set", "search.space.fixed_fpn=fpn-fcos", "--set", "search.space.num_head_layers=3", "--quiet"]
-    code = main(["search", "--cache", str(cache_dir(tmp_path)), "--budget", "4", "--batch-size", "2",
+    code = main(["search", "--cache", str(cache_dir(tmp_path)), "--evaluator", "test_search_loop:deterministic_evaluator",
+                 "--budget", "4", "--batch-size", "2",
                  "--strategy", "random", "--seed", "3", "--out", str(run_dir), *common])
     out = capsys.readouterr().out
     assert code == 0

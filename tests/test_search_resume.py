@@ -198,11 +198,10 @@ def test_sigkill_mid_search_then_resume(tmp_path: Path) -> None:
                 "search.space.fixed_fpn=fpn-fcos", "search.space.num_head_layers=3",
                 "search.space.head_ops=[conv3x3,skip,dcn3x3]"]
     set_args = [arg for s in settings for arg in ("--set", s)]
-    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SRC), os.environ.get("PYTHONPATH", "")]),
-                "NASFCOS_TEST_EVALUATOR": "test_search_loop:deterministic_evaluator"}
+    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SRC), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "nasfcos.cli", "search", "--quiet"]
-    first = [*command, "--cache", str(cache_dir(tmp_path)), "--budget", "10", "--batch-size", "3", "--seed", "5",
-             "--out", str(run_dir), *set_args]
+    first = [*command, "--cache", str(cache_dir(tmp_path)), "--evaluator", "test_search_loop:deterministic_evaluator",
+             "--budget", "10", "--batch-size", "3", "--seed", "5", "--out", str(run_dir), *set_args]
     proc = subprocess.Popen(first, env={**base_env, SLEEP_ENV: "0.4", CALLS_FILE_ENV: str(calls_before)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

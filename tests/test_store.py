@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nasfcos.errors import UserError
-from nasfcos.search.store import STATE_KEY, CandidateRecord, ResultStore
+from nasfcos.search.store import SCHEMA_VERSION, STATE_KEY, CandidateRecord, ResultStore
 
 
 def _result(i: int, reward: float, **fields) -> CandidateRecord:
@@ -203,7 +203,47 @@ def test_version_1_stores_are_upgraded(tmp_path: Path):
         assert store.meta_keys() == [STATE_KEY] and store.state_blob() == b"\x00\xff"
         assert store.add(_result(3, -1.0, early_stop_loss=2.0)) and store.get("k3").early_stop_loss == 2.0
         assert [r.key for r in store.top_k(3)] == ["k3", "ka"]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+#: The version-2 schema (before the ``metrics`` column), as nasfcos wrote it.
+V2_SCHEMA = """
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'pruned')),
+    reward REAL NOT NULL, loss_cls REAL, loss_reg REAL, loss_ctr REAL, ap REAL, gmacs REAL, params INTEGER,
+    wall_time_s REAL, epochs_run INTEGER, early_stop_loss REAL, error TEXT, seed INTEGER, history TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE, genotype_json TEXT NOT NULL, actions TEXT NOT NULL, controller_step INTEGER,
+    created_at REAL
+);
+CREATE INDEX candidates_reward ON candidates (status, reward);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+INSERT INTO candidates VALUES (1, 'ok', -2.5, 1.0, 1.0, 0.5, NULL, 0.25, 77, 3.0, 2, 4.75, NULL, 11,
+                               '[{"epoch": 1}]', 'ka', '{"a": 1}', '[1, 2]', 0, 1000.0);
+INSERT INTO meta VALUES ('search_state', X'00ff');
+PRAGMA user_version = 2;
+"""
+
+
+def test_version_2_stores_get_the_metrics_column(tmp_path: Path):
+    expected = CandidateRecord(key="ka", genotype_json='{"a": 1}', actions=(1, 2), reward=-2.5, loss_cls=1.0,
+                               loss_reg=1.0, loss_ctr=0.5, gmacs=0.25, params=77, wall_time_s=3.0, epochs_run=2,
+                               early_stop_loss=4.75, seed=11, history=({"epoch": 1},), controller_step=0)
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V2_SCHEMA)
+    conn.close()
+    with ResultStore(path, readonly=True) as store:  # an upgraded view; the file stays version 2
+        assert store.all() == [expected] and store.get("ka").metrics == {}
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    with ResultStore(path) as store:
+        row = store.get("ka")
+        assert row == expected and row.id == 1 and row.history == ({"epoch": 1},) and row.created_at == 1000.0
+        assert store.state_blob() == b"\x00\xff"
+        assert store.add(_result(2, -1.0, metrics={"latency_ms": 3.5, "diverged": float("nan")}))
+    with ResultStore(path, readonly=True) as store:
+        assert store.get("k2").metrics == {"latency_ms": 3.5, "diverged": None}  # non-finite kept as None
+        assert store.get("k2").to_dict()["metrics"] == {"latency_ms": 3.5, "diverged": None}
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_a_newer_store_is_refused_naming_the_file(tmp_path: Path):

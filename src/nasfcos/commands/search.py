@@ -11,23 +11,24 @@ resuming, ``--config`` (sections ``search`` and ``proxy``, e.g. ``configs/search
 ``--proxy-config`` (``ProxyConfig`` keys only), the shortcut flags, then ``--set search.KEY=V`` /
 ``--set proxy.KEY=V``.
 
-Test hook (not for users): the environment variable ``NASFCOS_TEST_EVALUATOR=module:function`` replaces the
-proxy task by that function (same signature as ``nasfcos.search.proxy.evaluate_candidate``); the test suite
-uses it to run real, killable ``nasfcos search`` processes with cheap fake evaluations.
+``--evaluator MODULE:FUNCTION`` scores candidates with a function of your own instead of the proxy task
+(``FUNCTION(genotype)`` returns a float reward or a mapping with ``reward`` and other metrics; see
+:mod:`nasfcos.search.evaluator`); ``--python-path DIR`` (repeatable) is where its module is imported from, in
+this process and in every worker. No feature cache is needed then. Both are recorded in ``config.yaml``:
+``--resume`` uses the same evaluator and refuses another one (the python path may change). A bad spec is a
+one-line error before anything is created.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from nasfcos.errors import UserError
-
-#: Environment variable naming a replacement evaluator ``module:function`` (tests only).
-TEST_EVALUATOR_ENV = "NASFCOS_TEST_EVALUATOR"
 
 #: Command-line shortcuts and the config keys they set.
 SHORTCUTS: dict[str, str] = {
@@ -49,10 +50,17 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Search NAS-FCOS decoders: an LSTM controller (PPO) or random search proposes architectures, each is "
             "trained briefly on the cached backbone features (the proxy task) and scored by minus its "
-            "meta-val loss. Kill it at any time and continue with --resume RUN."
+            "meta-val loss, or by a function of your own (--evaluator MODULE:FUNCTION, no cache needed). Kill it "
+            "at any time and continue with --resume RUN."
         ),
     )
-    parser.add_argument("--cache", metavar="DIR", help="feature cache folder built by `nasfcos cache`")
+    parser.add_argument("--cache", metavar="DIR", help="feature cache folder built by `nasfcos cache` "
+                        "(not needed with --evaluator)")
+    parser.add_argument("--evaluator", metavar="MODULE:FUNCTION",
+                        help="score candidates with FUNCTION(genotype) -> float reward (or a mapping with "
+                             "'reward' and other metrics) instead of the proxy task")
+    parser.add_argument("--python-path", dest="python_path", action="append", default=None, metavar="DIR",
+                        help="folder to import the evaluator's module from, here and in every worker (repeatable)")
     parser.add_argument("--budget", type=int, metavar="N", help="distinct architectures to evaluate (paper: ~2800)")
     parser.add_argument("--strategy", choices=("ppo", "random"), help="search strategy (default: ppo)")
     parser.add_argument("--executor", choices=("inline", "process", "ray"),
@@ -91,7 +99,18 @@ def config_from_args(args: argparse.Namespace) -> Any:
                  if getattr(args, name, None) is not None]
     if args.cache is not None:
         overrides.insert(0, f"cache={args.cache}")
-    return load_search_run_config(args.config, args.proxy_config, [*overrides, *args.overrides], base=base)
+    cfg = load_search_run_config(args.config, args.proxy_config, [*overrides, *args.overrides], base=base)
+    changes: dict[str, Any] = {}
+    if getattr(args, "evaluator", None) is not None:
+        changes["evaluator"] = args.evaluator
+    if getattr(args, "python_path", None):
+        changes["python_path"] = tuple(os.path.abspath(p) for p in args.python_path)
+    if not changes:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as exc:  # the config's own check of the spec's form
+        raise UserError(f"--evaluator {args.evaluator}: {exc}") from None
 
 
 def _run_dir(args: argparse.Namespace, strategy: str) -> Path:
@@ -105,7 +124,9 @@ def _run_dir(args: argparse.Namespace, strategy: str) -> Path:
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted, or ``-`` in the same column width (an evaluator of your own reports no losses)."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return f"{'-':>{width}}" if value is None else format(value, spec)
 
 
 def print_top(summary: Any, limit: int = 10) -> None:
@@ -123,11 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from nasfcos.search.loop import run_search
 
     cfg = config_from_args(args)
-    if cfg.cache is None:
-        raise UserError("--cache: required (the feature cache folder built by `nasfcos cache`)")
+    if cfg.cache is None and cfg.evaluator is None:
+        raise UserError("--cache: required (the feature cache folder built by `nasfcos cache`), unless "
+                        "--evaluator MODULE:FUNCTION scores the candidates")
     run_dir = _run_dir(args, cfg.search.strategy)
-    evaluator = os.environ.get(TEST_EVALUATOR_ENV) or None
-    summary = run_search(run_dir, cfg, resume=bool(args.resume), evaluator=evaluator, progress=not args.quiet)
+    summary = run_search(run_dir, cfg, resume=bool(args.resume), progress=not args.quiet)
     print(f"evaluated {summary.evaluated} architectures ({summary.failed} failed, {summary.pruned} pruned; "
           f"{summary.repeats} re-proposals reused) in {summary.updates} policy updates, "
           f"{summary.wall_time_s:.0f} s this session")

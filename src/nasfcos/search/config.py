@@ -1,9 +1,9 @@
 """Every setting of an architecture search, as plain frozen dataclasses (torch-free).
 
-``SearchRunConfig(cache, search, proxy)`` is the layout of a run's ``config.yaml`` and of
+``SearchRunConfig(cache, search, proxy, evaluator, python_path)`` is the layout of a run's ``config.yaml`` and of
 ``nasfcos search --config`` files: ``search`` (:class:`SearchConfig`, with its ``space``, ``controller`` and
 ``ppo`` sections) says how the search runs, ``proxy`` (:class:`ProxyConfig`) how one candidate is trained and
-scored. Defaults are written once, here; the strategies, the proxy and the loop take these objects whole.
+scored, ``evaluator`` (``"module:function"``) a user's own function that replaces the proxy task. Defaults are written once, here; the strategies, the proxy and the loop take these objects whole.
 :func:`load_search_run_config` resolves the layers (defaults, a run's saved config, preset files,
 ``--set`` overrides) with the generic loader of :mod:`nasfcos.config`, so every mistake is a one-line
 :class:`~nasfcos.errors.UserError` naming the file and the full key.
@@ -38,6 +38,7 @@ __all__ = [
 #: their rewards): a larger budget continues the search, and the run may move to other hardware.
 RESUMABLE_KEYS = frozenset({
     "cache",
+    "python_path",
     "search.budget",
     "search.executor",
     "search.workers",
@@ -232,11 +233,24 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class SearchRunConfig:
-    """A whole search run: the feature cache folder, how the search runs and the proxy task."""
+    """A whole search run: the feature cache folder, how the search runs and how a candidate is scored.
+
+    ``evaluator``: ``None`` = the proxy task on ``cache`` (:func:`nasfcos.search.proxy.evaluate_candidate`);
+    otherwise a ``"module:function"`` that scores a genotype instead (:mod:`nasfcos.search.evaluator`; the
+    cache is then optional). ``python_path``: folders put on ``sys.path`` (in this process and in every worker)
+    before the evaluator's module is imported; a resumed run may change them (they say where, not what).
+    """
 
     cache: Optional[str] = None
     search: SearchConfig = field(default_factory=SearchConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    evaluator: Optional[str] = None
+    python_path: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        spec = self.evaluator
+        _require(spec is None or (isinstance(spec, str) and spec.count(":") == 1 and all(spec.split(":"))),
+                 "evaluator", spec, "'module:function' (e.g. my_objectives:score) or null for the proxy task")
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

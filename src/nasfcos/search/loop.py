@@ -55,7 +55,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,8 @@ from nasfcos.search.early_stop import EarlyStopReference
 from nasfcos.search.executors import Executor, build_executor
 from nasfcos.search.results import EvaluationResult
 from nasfcos.search.run_folder import STORE_FILE, TOPK_DIR, check_cache, prepare_run_dir, write_topk
-from nasfcos.search.runner import DEFAULT_EVALUATOR, CandidateTask, module_root, resolve_evaluator_and_spec
+from nasfcos.search.evaluator import DEFAULT_EVALUATOR, add_python_path, evaluator_spec, load_evaluator
+from nasfcos.search.runner import CandidateTask, module_root, resolve_evaluator_and_spec
 from nasfcos.search.store import CandidateRecord, ResultStore
 
 __all__ = ["LOOP_STATE_KEY", "SearchSummary", "candidate_seed", "run_search"]
@@ -175,20 +176,26 @@ def run_search(
     *,
     resume: bool = False,
     evaluator: Callable[..., Any] | str | None = None,
+    python_path: Sequence[str] | None = None,
     executor: Executor | None = None,
     progress: bool = True,
 ) -> SearchSummary:
     """Run (or, with ``resume=True``, continue) the search ``cfg`` describes into ``run_dir``; see the
     module docstring.
 
-    ``evaluator``: ``None`` = :func:`nasfcos.search.proxy.evaluate_candidate`; a callable or a
-    ``"module:function"`` string otherwise (process and Ray executors need an importable module-level
-    function), called as ``evaluator(genotype, cache, cfg.proxy, *, seed, early_stop_reference)``.
+    ``evaluator``: how a candidate is scored; ``None`` = ``cfg.evaluator``, which is ``None`` for the proxy
+    task (:func:`nasfcos.search.proxy.evaluate_candidate` on ``cfg.cache``). Otherwise a ``"module:function"``
+    string or a function: ``fn(genotype) -> float | {"reward": ..., other metrics}`` or the full
+    ``fn(genotype, cache, proxy_cfg, *, seed, early_stop_reference)`` (:mod:`nasfcos.search.evaluator` has the
+    rule); process and Ray executors need an importable module-level function. The evaluator is recorded in
+    ``config.yaml`` (``evaluator``): resuming with another one is a :class:`UserError`. With an evaluator of
+    its own a run needs no cache. ``python_path``: folders to import the evaluator's module from (default
+    ``cfg.python_path``), in this process and in every worker.
     ``executor``: an executor to use instead of the one ``cfg.search`` names (the caller closes it).
     ``progress``: show the progress bar (and the proxy's in-candidate lines) on stderr.
     """
     started = time.monotonic()
-    with _open_run(Path(run_dir), cfg, resume, evaluator, executor, progress) as run:
+    with _open_run(Path(run_dir), cfg, resume, evaluator, python_path, executor, progress) as run:
         while (stop := _stop_reason(run)) is None:
             batch = _plan_batch(run)  # propose; reuse known rewards; tasks for the new genotypes
             for task, outcome in run.executor.map_candidates(batch.tasks):  # evaluate, in completion order
@@ -198,9 +205,34 @@ def run_search(
         return _finish(run, stop, time.monotonic() - started)
 
 
+def _resolve_evaluator(cfg: SearchRunConfig, evaluator: Callable[..., Any] | str | None,
+                       python_path: Sequence[str] | None) -> tuple[SearchRunConfig, Callable[..., Any], str | None]:
+    """``(cfg with the evaluator and python path recorded, callable for this process, spec for workers)``.
+
+    The recorded ``cfg.evaluator`` is ``None`` for the proxy task, the spec of an importable function, and
+    ``module:qualname`` of one that is not (a lambda or closure: such a run resumes only when given the same
+    function again). A bad spec is a :class:`UserError`, raised before anything is created."""
+    paths = tuple(os.path.abspath(p) for p in (cfg.python_path if python_path is None else python_path))
+    chosen = evaluator if evaluator is not None else cfg.evaluator
+    if chosen is None or chosen == DEFAULT_EVALUATOR:
+        function, spec = resolve_evaluator_and_spec(DEFAULT_EVALUATOR)
+    elif isinstance(chosen, str):
+        function, spec = load_evaluator(chosen, paths).function, chosen
+    else:
+        add_python_path(paths)
+        function, spec = chosen, evaluator_spec(chosen)
+    recorded = spec if spec is not None else (
+        f"{getattr(chosen, '__module__', None) or '?'}:{getattr(chosen, '__qualname__', type(chosen).__name__)}")
+    recorded = None if recorded == DEFAULT_EVALUATOR else recorded
+    if evaluator is not None and cfg.evaluator is not None and recorded != cfg.evaluator:
+        raise UserError(f"evaluator: run_search(evaluator=...) names {recorded!r} but the config has "
+                        f"{cfg.evaluator!r}; give one of them")
+    return dataclasses.replace(cfg, evaluator=recorded, python_path=paths), function, spec
+
+
 @contextmanager
 def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Callable[..., Any] | str | None,
-              executor: Executor | None, progress: bool) -> Iterator[_Run]:
+              python_path: Sequence[str] | None, executor: Executor | None, progress: bool) -> Iterator[_Run]:
     """Check the settings, prepare the run folder, restore a resumed run's state, start the executor and the
     logs; close whatever was opened afterwards (an executor passed in is the caller's to close)."""
     from nasfcos.logs import ProgressBar, RunLogger
@@ -209,11 +241,16 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
 
     if not isinstance(cfg, SearchRunConfig):
         raise TypeError(f"run_search(run_dir, cfg: SearchRunConfig, ...): got {type(cfg).__name__} for cfg")
-    if cfg.cache is None:
-        raise UserError("cache: required (the feature cache folder built by `nasfcos cache`)")
-    cfg = dataclasses.replace(cfg, cache=os.path.abspath(cfg.cache))  # workers (other nodes too) get this path
+    cfg, eval_fn, eval_spec = _resolve_evaluator(cfg, evaluator, python_path)
+    using_proxy = cfg.evaluator is None
+    if cfg.cache is None and using_proxy:
+        raise UserError("cache: required (the feature cache folder built by `nasfcos cache`) unless an evaluator "
+                        "of your own scores the candidates")
+    if cfg.cache is not None:  # workers (other nodes too) get this path
+        cfg = dataclasses.replace(cfg, cache=os.path.abspath(cfg.cache))
+        if not Path(cfg.cache).exists():
+            raise UserError(f"{cfg.cache}: feature cache not found (build one with `nasfcos cache`)")
     search = cfg.search
-    eval_fn, eval_spec = resolve_evaluator_and_spec(evaluator)
     if search.executor != "inline" and executor is None and eval_spec is None:
         raise UserError(
             f"search.executor={search.executor}: the evaluator must be an importable module-level function "
@@ -226,7 +263,7 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
     owned: list[Any] = []  # closed in reverse order
     restore_candidate_progress = candidate_progress(progress)  # the proxy's in-candidate lines, workers included
     try:
-        check_cache(cfg, store, eval_spec == DEFAULT_EVALUATOR)
+        check_cache(cfg, store, using_proxy)
         state = _restore(store, strategy, cfg)
         tally = _tally_stored(store, state)
         if executor is None:
@@ -243,8 +280,9 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
         bar = ProgressBar(total=search.budget, initial=min(store.count(), search.budget), desc="search",
                           enabled=progress, text_every=1)
         owned.append(bar)
-        yield _Run(run_dir, cfg, store, strategy, executor, logger, bar, state, eval_spec,
-                   tuple(p for p in [module_root(eval_spec) if eval_spec else None] if p), *tally)
+        roots = [module_root(eval_spec)] if eval_spec else []
+        worker_path = tuple(dict.fromkeys([*cfg.python_path, *(p for p in roots if p)]))
+        yield _Run(run_dir, cfg, store, strategy, executor, logger, bar, state, eval_spec, worker_path, *tally)
     finally:
         for thing in reversed(owned):
             thing.close()
@@ -318,7 +356,7 @@ def _plan_batch(run: _Run) -> _Batch:
                 batch.tasks.append(CandidateTask(
                     index=index, key=key, genotype_json=proposal.genotype.to_json(indent=None),
                     actions=tuple(proposal.actions), seed=candidate_seed(run.cfg.search.seed, key),
-                    cache_path=str(run.cfg.cache), proxy_cfg=run.cfg.proxy, evaluator=run.evaluator,
+                    cache_path=run.cfg.cache, proxy_cfg=run.cfg.proxy, evaluator=run.evaluator,
                     early_stop_reference=run.state.early_stop_reference, python_path=run.python_path,
                 ))
     return batch

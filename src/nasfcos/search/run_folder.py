@@ -41,7 +41,9 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def _check_resume_config(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     """Raise :class:`UserError` naming the first key that differs (outside :data:`RESUMABLE_KEYS`); returns
     whether a resumable key changed (the file is then rewritten)."""
-    old, new = _flatten(saved), _flatten(current)
+    # A key the saved file lacks (a setting added after the run started) counts as its default value.
+    old = {**_flatten(config_to_dict(SearchRunConfig())), **_flatten(saved)}
+    new = _flatten(current)
     changed = False
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<missing>") == new.get(key, "<missing>"):
@@ -78,8 +80,10 @@ def prepare_run_dir(run_dir: Path, cfg: SearchRunConfig, resume: bool) -> None:
 
 
 def check_cache(cfg: SearchRunConfig, store: ResultStore, using_proxy: bool) -> None:
-    """The cache must exist; with the real proxy it must open, hold the FCOS targets the proxy trains on and
-    have the fingerprint the run started with."""
+    """The cache must exist (a run whose own evaluator needs none may have no cache); with the real proxy it
+    must open, hold the FCOS targets the proxy trains on and have the fingerprint the run started with."""
+    if cfg.cache is None and not using_proxy:
+        return
     cache_path = Path(str(cfg.cache))
     if not cache_path.exists():
         raise UserError(f"{cache_path}: feature cache not found (build one with `nasfcos cache`)")

@@ -9,10 +9,12 @@ feature cache (workers open it memory-mapped themselves; arrays are never shippe
 another machine, or a freshly spawned process, find the function: a pickled function object would need its
 module importable *before* the task's arguments are unpickled.
 
-An evaluator is any function ``evaluator(genotype, cache, cfg, *, seed, early_stop_reference=None)``
-returning an :class:`~nasfcos.search.results.EvaluationResult` (or a dict or object with its field names,
-normalised by :func:`~nasfcos.search.results.as_result`); the default is
-:func:`nasfcos.search.proxy.evaluate_candidate`. :func:`run_task` never raises for a candidate's failure: an
+An evaluator is a function ``evaluator(genotype, cache, cfg, *, seed, early_stop_reference=None)`` or simply
+``evaluator(genotype)`` (:mod:`nasfcos.search.evaluator` says which call a function gets) returning an
+:class:`~nasfcos.search.results.EvaluationResult`, a float reward, or a dict or object with the record's field
+names (normalised by :func:`~nasfcos.search.results.as_result`); the default is
+:func:`nasfcos.search.proxy.evaluate_candidate`. ``cache_path`` is ``None`` when a run has no cache (an
+evaluator of its own needs none). :func:`run_task` never raises for a candidate's failure: an
 exception inside the evaluator becomes ``status="failed"`` with the error text, so one broken architecture
 (NaN, out of memory, a bug in an op) cannot stop a search of thousands. A :class:`~nasfcos.errors.UserError`
 (an unusable cache, an unknown device) is the exception: it would fail every candidate alike, so it propagates
@@ -21,17 +23,23 @@ and stops the search with its one-line message.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nasfcos.errors import UserError
 from nasfcos.search.config import ProxyConfig
+from nasfcos.search.evaluator import (
+    DEFAULT_EVALUATOR,
+    add_python_path,
+    call_evaluator,
+    describe_exception,
+    evaluator_spec,
+    resolve_evaluator,
+)
 from nasfcos.search.results import EvaluationResult, as_result
 
 __all__ = [
@@ -43,9 +51,6 @@ __all__ = [
     "run_task",
     "set_worker_threads",
 ]
-
-#: The real proxy task (``nasfcos.search.proxy.evaluate_candidate``).
-DEFAULT_EVALUATOR = "nasfcos.search.proxy:evaluate_candidate"
 
 #: Old names, kept importable while the executors move over (the record is
 #: :class:`~nasfcos.search.results.EvaluationResult`).
@@ -70,7 +75,7 @@ class CandidateTask:
     genotype_json: str
     actions: tuple[int, ...]
     seed: int
-    cache_path: str
+    cache_path: str | None
     proxy_cfg: ProxyConfig | None
     evaluator: str | None = DEFAULT_EVALUATOR
     early_stop_reference: dict[str, Any] | None = None
@@ -79,41 +84,6 @@ class CandidateTask:
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
-
-
-def resolve_evaluator(spec: str) -> Callable[..., Any]:
-    """Import ``"package.module:function"``; a bad spec is a :class:`UserError`."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise UserError(f"evaluator: expected 'module:function' (got {spec!r})")
-    module_name, _, qualname = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"evaluator {spec}: cannot import module {module_name!r} ({exc})") from None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise UserError(f"evaluator {spec}: module {module_name!r} has no attribute {qualname!r}")
-    if not callable(obj):
-        raise UserError(f"evaluator {spec}: {qualname!r} is not callable")
-    return obj
-
-
-def evaluator_spec(evaluator: Callable[..., Any] | str) -> str | None:
-    """The ``"module:function"`` string of an importable function (``None`` for a lambda or closure, which
-    only the in-process executor can run)."""
-    if isinstance(evaluator, str):
-        resolve_evaluator(evaluator)
-        return evaluator
-    module = getattr(evaluator, "__module__", None)
-    qualname = getattr(evaluator, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    spec = f"{module}:{qualname}"
-    try:
-        return spec if resolve_evaluator(spec) is evaluator else None
-    except UserError:
-        return None
 
 
 def resolve_evaluator_and_spec(evaluator: Callable[..., Any] | str | None) -> tuple[Callable[..., Any], str | None]:
@@ -154,19 +124,6 @@ def set_worker_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _add_python_path(paths: tuple[str, ...]) -> None:
-    for path in reversed(paths):
-        if path not in sys.path and os.path.isdir(path):
-            sys.path.insert(0, path)
-
-
-def _describe_exception(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)[-3:]
-    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames))
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return f"{text} [at {where}]" if where else text
-
-
 def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -> EvaluationResult:
     """Evaluate ``task`` and normalise the result; never raises for the candidate's own failure.
 
@@ -175,7 +132,7 @@ def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -
     """
     start = time.perf_counter()
     try:
-        _add_python_path(task.python_path)
+        add_python_path(task.python_path)
         set_worker_threads(task.threads)
         if evaluator is None:
             if task.evaluator is None:
@@ -185,12 +142,10 @@ def run_task(task: CandidateTask, evaluator: Callable[..., Any] | None = None) -
 
         genotype = Genotype.from_json(task.genotype_json)
         set_worker_threads(task.threads)  # again: the evaluator's import may have started torch
-        result = evaluator(
-            genotype, task.cache_path, task.proxy_cfg, seed=task.seed,
-            early_stop_reference=task.early_stop_reference,
-        )
+        result = call_evaluator(evaluator, genotype, task.cache_path, task.proxy_cfg, seed=task.seed,
+                                early_stop_reference=task.early_stop_reference)
     except UserError:
         raise  # the user's mistake (unusable cache, unknown device): it would fail every candidate alike
     except Exception as exc:  # a candidate's failure is data, not a crash of the search
-        return EvaluationResult.failure(_describe_exception(exc), time.perf_counter() - start)
+        return EvaluationResult.failure(describe_exception(exc), time.perf_counter() - start)
     return as_result(result, time.perf_counter() - start)

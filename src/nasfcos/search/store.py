@@ -16,8 +16,8 @@ candidates stopped early by the running-average rule. Rewards must be finite (SQ
 ``created_at`` is Unix time in seconds (UTC).
 
 A row is a :class:`CandidateRecord`: the evaluation record of :mod:`nasfcos.search.results`, stored as-is,
-plus the candidate's identity. The table has one column per field (tuples as JSON text), derived from the
-dataclass, so the schema cannot drift from the record.
+plus the candidate's identity. The table has one column per field (tuples and mappings as JSON text), derived
+from the dataclass, so the schema cannot drift from the record.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ from nasfcos.search.results import STATUSES, EvaluationResult
 __all__ = ["SCHEMA_VERSION", "STATE_KEY", "STATUSES", "CandidateRecord", "ResultStore"]
 
 #: Version 2: one column per :class:`CandidateRecord` field (``early_stop_loss``, ``epochs_run``, ``seed`` and
-#: ``history`` added; version 1 kept the early-stop loss in meta ``early_stop_loss/<key>``). Version 1 stores
-#: are upgraded when opened for writing, and read through an upgraded in-memory copy when opened read-only.
-SCHEMA_VERSION = 2
+#: ``history`` added; version 1 kept the early-stop loss in meta ``early_stop_loss/<key>``). Version 3: the
+#: ``metrics`` column (a pluggable evaluator's own numbers, JSON). Older stores are upgraded when opened for
+#: writing, and read through an upgraded in-memory copy when opened read-only.
+SCHEMA_VERSION = 3
 #: meta key under which :meth:`ResultStore.commit_step` keeps the serialized search state.
 STATE_KEY = "search_state"
 
@@ -80,7 +81,7 @@ class CandidateRecord(EvaluationResult):
 # The schema, derived from CandidateRecord's fields
 # --------------------------------------------------------------------------------------------------------------
 
-_SQL_TYPES = {str: "TEXT", float: "REAL", int: "INTEGER", tuple: "TEXT"}  # tuples are stored as JSON text
+_SQL_TYPES = {str: "TEXT", float: "REAL", int: "INTEGER", tuple: "TEXT", dict: "TEXT"}  # tuples, dicts: JSON
 
 
 def _column_types() -> dict[str, tuple[str, bool]]:
@@ -100,7 +101,10 @@ def _column_types() -> dict[str, tuple[str, bool]]:
 _TYPES = _column_types()
 _COLUMNS = tuple(_TYPES)
 _JSON_COLUMNS = frozenset(f.name for f in dataclasses.fields(CandidateRecord)
-                          if (typing.get_origin(typing.get_type_hints(CandidateRecord)[f.name]) is tuple))
+                          if (typing.get_origin(typing.get_type_hints(CandidateRecord)[f.name]) in (tuple, dict)))
+#: The empty value of each JSON column (what a migration writes into a column the old schema lacked).
+_EMPTY_JSON = {name: "'{}'" if typing.get_origin(typing.get_type_hints(CandidateRecord)[name]) is dict else "'[]'"
+               for name in _JSON_COLUMNS}
 _CONSTRAINTS = {"key": "UNIQUE", "status": "CHECK (status IN ({}))".format(", ".join(f"'{s}'" for s in STATUSES))}
 
 _SCHEMA = "\n".join([
@@ -118,27 +122,30 @@ _V1_NAMES = {"actions": "actions_json"}
 _V1_EARLY_STOP_PREFIX = "early_stop_loss/"
 
 
-def _migrate_v1(conn: sqlite3.Connection) -> None:
-    """Rebuild a version-1 ``candidates`` table with today's columns (inside the caller's transaction):
-    renamed columns are copied, the early-stop losses move from meta into their rows, new columns are empty."""
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Rebuild a version-``version`` ``candidates`` table with today's columns (inside the caller's
+    transaction): existing columns are copied (version 1's renamed ones too), new columns are empty (JSON
+    columns hold their empty value); from version 1 the early-stop losses move from meta into their rows."""
     old = {row[1] for row in conn.execute("PRAGMA table_info(candidates)")}
-    conn.execute("ALTER TABLE candidates RENAME TO candidates_v1")
+    renames = _V1_NAMES if version == 1 else {}
+    conn.execute("ALTER TABLE candidates RENAME TO candidates_old")
     conn.execute("DROP INDEX IF EXISTS candidates_reward")
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
     sources = []
     for name in _COLUMNS:
-        if name == "early_stop_loss":
+        if name == "early_stop_loss" and version == 1:
             sources.append(f"(SELECT value FROM meta WHERE meta.key = '{_V1_EARLY_STOP_PREFIX}' || c.key)")
-        elif _V1_NAMES.get(name, name) in old:
-            sources.append(f"c.{_V1_NAMES.get(name, name)}")
+        elif renames.get(name, name) in old:
+            sources.append(f"c.{renames.get(name, name)}")
         else:
-            sources.append("'[]'" if name in _JSON_COLUMNS else "NULL")
+            sources.append(_EMPTY_JSON.get(name, "NULL"))
     conn.execute(f"INSERT INTO candidates (id, {', '.join(_COLUMNS)}) SELECT c.id, {', '.join(sources)} "
-                 "FROM candidates_v1 AS c ORDER BY c.id")
-    conn.execute("DROP TABLE candidates_v1")
-    conn.execute("DELETE FROM meta WHERE key LIKE ?", (_V1_EARLY_STOP_PREFIX + "%",))
+                 "FROM candidates_old AS c ORDER BY c.id")
+    conn.execute("DROP TABLE candidates_old")
+    if version == 1:
+        conn.execute("DELETE FROM meta WHERE key LIKE ?", (_V1_EARLY_STOP_PREFIX + "%",))
 
 
 def _json_number(value: Any) -> Any:
@@ -151,6 +158,8 @@ def _to_sql(name: str, value: Any) -> Any:
     if value is None:
         return None
     if name in _JSON_COLUMNS:
+        if isinstance(value, dict):
+            return json.dumps(dict(value), default=_json_number, sort_keys=True)
         return json.dumps(list(value), default=_json_number)
     sql = _TYPES[name][0]
     return int(value) if sql == "INTEGER" else float(value) if sql == "REAL" else str(value)
@@ -159,7 +168,8 @@ def _to_sql(name: str, value: Any) -> Any:
 def _row_to_record(row: sqlite3.Row) -> CandidateRecord:
     values = {name: row[name] for name in _COLUMNS}
     for name in _JSON_COLUMNS:
-        values[name] = tuple(json.loads(values[name]))
+        data = json.loads(values[name])
+        values[name] = data if isinstance(data, dict) else tuple(data)
     return CandidateRecord(id=row["id"], **values)
 
 
@@ -225,8 +235,8 @@ class ResultStore:
         """Create the schema (``version`` 0) or migrate an older one, in one transaction."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if version == 1:
-                _migrate_v1(conn)
+            if 0 < version < SCHEMA_VERSION:
+                _migrate(conn, version)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)

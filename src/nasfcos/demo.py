@@ -262,7 +262,10 @@ def run_demo(
         search_cfg = config_from_dict(SearchConfig, {
             "budget": sizes.budget, "batch_size": sizes.search_batch, "strategy": "ppo", "seed": seed,
             "executor": "process" if parallel else "inline", "workers": threads if parallel else None,
-            "worker_threads": 1, "top_k": max(5, sizes.top_k), "ppo": {"lr": 3e-3, "entropy_weight": 1e-3},
+            "worker_threads": 1, "top_k": max(5, sizes.top_k),
+            # configs/search-cpu.yaml's PPO settings (benchmarks/results/ppo_settings.md), on-policy buffer.
+            "ppo": {"lr": 3e-3, "entropy_weight": 1e-2, "buffer_size": sizes.search_batch,
+                    "normalize_advantages": True},
         }, source="demo")
         proxy_cfg = ProxyConfig(
             width=sizes.proxy_width, epochs=sizes.proxy_epochs, batch_size=sizes.proxy_batch, lr=8e-4,

@@ -21,6 +21,7 @@ _LAZY = {
     "PRESETS": ("nasfcos.space.presets", "PRESETS"),
     "build_detector": ("nasfcos.detection.detector", "build_detector"),
     "profile": ("nasfcos.analysis.profile", "profile"),
+    "export_onnx": ("nasfcos.export.exporter", "export_onnx"),
     "UserError": ("nasfcos.errors", "UserError"),
 }
 
@@ -36,7 +37,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module_name), attribute)
         globals()[name] = value
         return value
-    if name in {"detection", "space", "nn", "data", "search", "train", "analysis"}:
+    if name in {"detection", "space", "nn", "data", "search", "train", "analysis", "export"}:
         import importlib
 
         return importlib.import_module(f"nasfcos.{name}")

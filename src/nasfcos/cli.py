@@ -32,6 +32,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "train",
     "eval",
     "predict",
+    "export",
     "profile",
     "report",
     "fidelity",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import onnx  # the onnx extra (scripts/setup.sh installs it): a missing package fails here instead of skipping
+import onnxruntime as ort
 import pytest
 import torch
 import torchvision
@@ -24,8 +26,6 @@ from nasfcos.nn._deform_export import deform_conv2d_exportable
 from nasfcos.nn.deform import ModulatedDeformConv2d, _geometry
 from nasfcos.space.ops import AGGREGATIONS, FPN_OPS, HEAD_OPS
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 
 # ------------------------------------------------------------------------------------- the lowered DCN (eager)

@@ -80,10 +80,10 @@ class ExportResult:
     def summary(self) -> str:
         """Multi-line human summary: the file, its input, and the check's lines."""
         shape = "x".join(str(d) for d in self.input_shape)
-        where = str(self.path) if self.path is not None else "(not written)"
+        where = f"wrote {self.path}" if self.path is not None else "exported (not written)"
         outputs = ", ".join(self.output_names) if self.postprocess else f"{len(self.output_names)} raw per-level maps"
         lines = [
-            f"wrote {where} ({self.num_bytes / 2**20:.1f} MiB, opset {self.opset}): images {shape} float32 RGB in "
+            f"{where} ({self.num_bytes / 2**20:.1f} MiB, opset {self.opset}): images {shape} float32 RGB in "
             f"[0, 1] -> {outputs}"
         ]
         if self.check is not None:

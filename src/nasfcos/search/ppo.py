@@ -25,7 +25,7 @@ How one update works:
    differs between candidates by hundredths; a known-answer reward by tenths).
 
 Why the entropy bonus is masked by ``live``: with a buffer of 100 and batches of 8, only the newest batch is
-inside the clip range at the start of an update (87-92 % of older entries are not), so the surrogate's gradient
+inside the clip range at the start of an update (82-87 % of the buffer is not), so the surrogate's gradient
 comes from ~8 samples while an unmasked bonus averaged over all 100 had about 12 times its nominal weight and
 pointed against learning; measured in ``benchmarks/ppo_settings.py``. With ``buffer_size == batch size`` the
 update is on-policy (every entry is the latest batch) and the mask only matters from the second epoch.

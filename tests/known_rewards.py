@@ -16,10 +16,10 @@ the controller and the PPO update, not of luck.
 - :func:`dcn_concat_share_small`: the same reward times 0.02 (optimum 0.02; 0.95 of it = 0.019), the size of
   the differences a real proxy loss shows between candidates: a PPO setting that only works for rewards of
   order one fails here.
-- :func:`head_target_share`: the share of the sequential head's six ops that match a fixed target
-  ``(dcn3x3, sep3x3, sep3x3_d3, conv3x3, conv1x1, skip)``, half weight, plus half for ``share_from`` equal to 3
-  ... a different part of the space (the head) and an order-dependent target. Optimum 1.0; uniform 0.5 * 1/6 +
-  0.5 * 1/7 ~ 0.155.
+- :func:`head_target_share`: half the share of the sequential head's six ops that match a fixed, ordered
+  target ``(dcn3x3, sep3x3, sep3x3_d3, conv3x3, conv1x1, skip)`` plus half for ``share_from`` equal to 3: a
+  different part of the space (the head) and an order-dependent target. Optimum 1.0; uniform sampling averages
+  0.5 * 1/6 + 0.5 * 1/7 ~ 0.155.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ worker on another machine can resolve (after putting ``python_path`` on ``sys.pa
 :func:`load_evaluator` is the public entry: it resolves and checks a spec the way the search does (a bad spec
 is a one-line :class:`~nasfcos.errors.UserError`) and returns an :class:`Evaluator` that scores one genotype
 and returns the record the search would store, so an objective can be tried before a long search.
+:func:`resolve_run_evaluator` is the search's side: it settles which evaluator a run uses (argument or
+config), what ``config.yaml`` records and which folders a worker needs on ``sys.path`` to import it.
 """
 
 from __future__ import annotations
@@ -39,15 +41,19 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from nasfcos.errors import UserError
 from nasfcos.search.results import EvaluationResult, as_result
 
+if TYPE_CHECKING:
+    from nasfcos.search.config import SearchRunConfig
+
 __all__ = [
     "DEFAULT_EVALUATOR",
     "Evaluator",
+    "RunEvaluator",
     "EvaluatorKind",
     "add_python_path",
     "call_evaluator",
@@ -55,7 +61,9 @@ __all__ = [
     "evaluator_kind",
     "evaluator_spec",
     "load_evaluator",
+    "module_root",
     "resolve_evaluator",
+    "resolve_run_evaluator",
 ]
 
 #: The real proxy task (``nasfcos.search.proxy.evaluate_candidate``).
@@ -190,3 +198,61 @@ def load_evaluator(spec: str, python_path: Sequence[str] = ()) -> Evaluator:
             raise UserError(f"--python-path {given}: not a folder ({path})")
     function = resolve_evaluator(spec, paths)
     return Evaluator(spec, function, evaluator_kind(function), paths)
+
+
+def module_root(spec: str) -> str | None:
+    """The ``sys.path`` folder a spec's module was imported from in this process (``None`` if unknown)."""
+    module_name = spec.partition(":")[0]
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+@dataclass(frozen=True)
+class RunEvaluator:
+    """A search run's evaluator, resolved once in the search process (:func:`resolve_run_evaluator`).
+
+    ``function`` is what this process calls; ``spec`` is the ``"module:function"`` workers resolve (``None``
+    for a lambda or closure, which only the inline executor can run); ``worker_path`` is the run's python path
+    plus the folder the spec's module was imported from here, so a spawned or remote worker finds it too."""
+
+    function: Callable[..., Any]
+    spec: str | None
+    worker_path: tuple[str, ...]
+
+
+def resolve_run_evaluator(cfg: SearchRunConfig, evaluator: Callable[..., Any] | str | None,
+                          python_path: Sequence[str] | None) -> tuple[SearchRunConfig, RunEvaluator]:
+    """``(cfg with the evaluator and python path recorded, the resolved evaluator)`` for ``run_search``.
+
+    ``evaluator`` / ``python_path`` override ``cfg.evaluator`` / ``cfg.python_path`` (``None`` = the config's).
+    The recorded ``cfg.evaluator`` is ``None`` for the proxy task, the spec of an importable function, and
+    ``module:qualname`` of one that is not (a lambda or closure: such a run resumes only when given the same
+    function again); recording it is what lets ``--resume`` refuse a different evaluator. A bad spec, or an
+    evaluator argument that contradicts the config, is a :class:`UserError`, raised before anything is
+    created."""
+    paths = tuple(os.path.abspath(p) for p in (cfg.python_path if python_path is None else python_path))
+    chosen = evaluator if evaluator is not None else cfg.evaluator
+    spec: str | None
+    if chosen is None or chosen == DEFAULT_EVALUATOR:
+        function, spec = resolve_evaluator(DEFAULT_EVALUATOR), DEFAULT_EVALUATOR
+    elif isinstance(chosen, str):
+        function, spec = load_evaluator(chosen, paths).function, chosen
+    else:
+        add_python_path(paths)
+        function, spec = chosen, evaluator_spec(chosen)
+    recorded = spec if spec is not None else (
+        f"{getattr(chosen, '__module__', None) or '?'}:{getattr(chosen, '__qualname__', type(chosen).__name__)}")
+    recorded = None if recorded == DEFAULT_EVALUATOR else recorded
+    if evaluator is not None and cfg.evaluator is not None and recorded != cfg.evaluator:
+        raise UserError(f"evaluator: run_search(evaluator=...) names {recorded!r} but the config has "
+                        f"{cfg.evaluator!r}; give one of them")
+    roots = [module_root(spec)] if spec else []
+    worker_path = tuple(dict.fromkeys([*paths, *(p for p in roots if p)]))
+    return replace(cfg, evaluator=recorded, python_path=paths), RunEvaluator(function, spec, worker_path)

@@ -51,9 +51,7 @@ and ``tensorboard/`` (``candidate/*`` per evaluation, ``update/*`` per policy up
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -66,22 +64,15 @@ from nasfcos.search.config import SearchRunConfig, build_search_space
 from nasfcos.search.early_stop import EarlyStopReference
 from nasfcos.search.executors import Executor, build_executor
 from nasfcos.search.results import EvaluationResult
-from nasfcos.search.run_folder import STORE_FILE, TOPK_DIR, check_cache, prepare_run_dir, write_topk
-from nasfcos.search.evaluator import DEFAULT_EVALUATOR, add_python_path, evaluator_spec, load_evaluator
-from nasfcos.search.runner import CandidateTask, module_root, resolve_evaluator_and_spec
+from nasfcos.search.evaluator import RunEvaluator, resolve_run_evaluator
+from nasfcos.search.run_folder import STORE_FILE, TOPK_DIR, check_cache, prepare_run_dir, resolve_cache, write_topk
+from nasfcos.search.runner import CandidateTask, candidate_seed
 from nasfcos.search.store import CandidateRecord, ResultStore
 
 __all__ = ["LOOP_STATE_KEY", "SearchSummary", "candidate_seed", "run_search"]
 
 #: store meta key of the loop's own state (JSON), committed together with the strategy state.
 LOOP_STATE_KEY = "loop_state"
-
-
-def candidate_seed(search_seed: int, key: str) -> int:
-    """The training seed of a candidate: a function of the search seed and the genotype only, so a genotype
-    gets the same proxy run whatever batch, worker or restart it lands in."""
-    digest = hashlib.sha1(f"{int(search_seed)}:{key}".encode()).hexdigest()
-    return int(digest[:8], 16) & 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,8 +133,7 @@ class _Run:
     logger: Any
     bar: Any
     state: _LoopState
-    evaluator: str | None  # the spec workers resolve
-    python_path: tuple[str, ...]
+    evaluator: RunEvaluator  # its spec and worker path go into every task
     committed: int = 0
     worst: float | None = None
     best: float | None = None
@@ -205,31 +195,6 @@ def run_search(
         return _finish(run, stop, time.monotonic() - started)
 
 
-def _resolve_evaluator(cfg: SearchRunConfig, evaluator: Callable[..., Any] | str | None,
-                       python_path: Sequence[str] | None) -> tuple[SearchRunConfig, Callable[..., Any], str | None]:
-    """``(cfg with the evaluator and python path recorded, callable for this process, spec for workers)``.
-
-    The recorded ``cfg.evaluator`` is ``None`` for the proxy task, the spec of an importable function, and
-    ``module:qualname`` of one that is not (a lambda or closure: such a run resumes only when given the same
-    function again). A bad spec is a :class:`UserError`, raised before anything is created."""
-    paths = tuple(os.path.abspath(p) for p in (cfg.python_path if python_path is None else python_path))
-    chosen = evaluator if evaluator is not None else cfg.evaluator
-    if chosen is None or chosen == DEFAULT_EVALUATOR:
-        function, spec = resolve_evaluator_and_spec(DEFAULT_EVALUATOR)
-    elif isinstance(chosen, str):
-        function, spec = load_evaluator(chosen, paths).function, chosen
-    else:
-        add_python_path(paths)
-        function, spec = chosen, evaluator_spec(chosen)
-    recorded = spec if spec is not None else (
-        f"{getattr(chosen, '__module__', None) or '?'}:{getattr(chosen, '__qualname__', type(chosen).__name__)}")
-    recorded = None if recorded == DEFAULT_EVALUATOR else recorded
-    if evaluator is not None and cfg.evaluator is not None and recorded != cfg.evaluator:
-        raise UserError(f"evaluator: run_search(evaluator=...) names {recorded!r} but the config has "
-                        f"{cfg.evaluator!r}; give one of them")
-    return dataclasses.replace(cfg, evaluator=recorded, python_path=paths), function, spec
-
-
 @contextmanager
 def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Callable[..., Any] | str | None,
               python_path: Sequence[str] | None, executor: Executor | None, progress: bool) -> Iterator[_Run]:
@@ -241,17 +206,11 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
 
     if not isinstance(cfg, SearchRunConfig):
         raise TypeError(f"run_search(run_dir, cfg: SearchRunConfig, ...): got {type(cfg).__name__} for cfg")
-    cfg, eval_fn, eval_spec = _resolve_evaluator(cfg, evaluator, python_path)
+    cfg, run_evaluator = resolve_run_evaluator(cfg, evaluator, python_path)
     using_proxy = cfg.evaluator is None
-    if cfg.cache is None and using_proxy:
-        raise UserError("cache: required (the feature cache folder built by `nasfcos cache`) unless an evaluator "
-                        "of your own scores the candidates")
-    if cfg.cache is not None:  # workers (other nodes too) get this path
-        cfg = dataclasses.replace(cfg, cache=os.path.abspath(cfg.cache))
-        if not Path(cfg.cache).exists():
-            raise UserError(f"{cfg.cache}: feature cache not found (build one with `nasfcos cache`)")
+    cfg = resolve_cache(cfg, using_proxy)
     search = cfg.search
-    if search.executor != "inline" and executor is None and eval_spec is None:
+    if search.executor != "inline" and executor is None and run_evaluator.spec is None:
         raise UserError(
             f"search.executor={search.executor}: the evaluator must be an importable module-level function "
             "(a lambda or closure only runs with the inline executor)"
@@ -268,10 +227,10 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
         tally = _tally_stored(store, state)
         if executor is None:
             executor = build_executor(
-                search.executor, workers=search.workers, threads=search.worker_threads, evaluator=eval_fn,
-                ray_address=search.ray_address, ray_num_cpus_per_task=search.ray_num_cpus_per_task,
-                ray_num_gpus_per_task=search.ray_num_gpus_per_task, max_retries=search.max_retries,
-                run_dir=run_dir, candidate_timeout_s=search.candidate_timeout_s)
+                search.executor, workers=search.workers, threads=search.worker_threads,
+                evaluator=run_evaluator.function, ray_address=search.ray_address,
+                ray_num_cpus_per_task=search.ray_num_cpus_per_task, ray_num_gpus_per_task=search.ray_num_gpus_per_task,
+                max_retries=search.max_retries, run_dir=run_dir, candidate_timeout_s=search.candidate_timeout_s)
             owned.append(executor)
         logger = RunLogger(run_dir, use_tensorboard=search.tensorboard)
         owned.append(logger)
@@ -280,9 +239,7 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
         bar = ProgressBar(total=search.budget, initial=min(store.count(), search.budget), desc="search",
                           enabled=progress, text_every=1)
         owned.append(bar)
-        roots = [module_root(eval_spec)] if eval_spec else []
-        worker_path = tuple(dict.fromkeys([*cfg.python_path, *(p for p in roots if p)]))
-        yield _Run(run_dir, cfg, store, strategy, executor, logger, bar, state, eval_spec, worker_path, *tally)
+        yield _Run(run_dir, cfg, store, strategy, executor, logger, bar, state, run_evaluator, *tally)
     finally:
         for thing in reversed(owned):
             thing.close()
@@ -356,8 +313,8 @@ def _plan_batch(run: _Run) -> _Batch:
                 batch.tasks.append(CandidateTask(
                     index=index, key=key, genotype_json=proposal.genotype.to_json(indent=None),
                     actions=tuple(proposal.actions), seed=candidate_seed(run.cfg.search.seed, key),
-                    cache_path=run.cfg.cache, proxy_cfg=run.cfg.proxy, evaluator=run.evaluator,
-                    early_stop_reference=run.state.early_stop_reference, python_path=run.python_path,
+                    cache_path=run.cfg.cache, proxy_cfg=run.cfg.proxy, evaluator=run.evaluator.spec,
+                    early_stop_reference=run.state.early_stop_reference, python_path=run.evaluator.worker_path,
                 ))
     return batch
 

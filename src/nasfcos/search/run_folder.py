@@ -10,7 +10,9 @@ move: only its content counts). ``topk/rankNN.json`` are the best genotypes (loa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from nasfcos.io import atomic_write_json, atomic_write_text
 from nasfcos.search.config import RESUMABLE_KEYS, SearchRunConfig
 from nasfcos.search.store import CandidateRecord, ResultStore
 
-__all__ = ["CONFIG_FILE", "STORE_FILE", "TOPK_DIR", "check_cache", "prepare_run_dir", "write_topk"]
+__all__ = ["CONFIG_FILE", "STORE_FILE", "TOPK_DIR", "check_cache", "prepare_run_dir", "resolve_cache",
+           "write_topk"]
 
 CONFIG_FILE = "config.yaml"
 STORE_FILE = "store.sqlite"
@@ -79,16 +82,26 @@ def prepare_run_dir(run_dir: Path, cfg: SearchRunConfig, resume: bool) -> None:
     dump_config(cfg, config_path)
 
 
+def resolve_cache(cfg: SearchRunConfig, using_proxy: bool) -> SearchRunConfig:
+    """``cfg`` with its cache as an absolute path (workers, on other nodes too, get that path), checked before
+    anything is created: the proxy needs a cache; a run whose own evaluator needs none may have none."""
+    if cfg.cache is None:
+        if using_proxy:
+            raise UserError("cache: required (the feature cache folder built by `nasfcos cache`) unless an "
+                            "evaluator of your own scores the candidates")
+        return cfg
+    cfg = replace(cfg, cache=os.path.abspath(cfg.cache))
+    if not Path(cfg.cache).exists():
+        raise UserError(f"{cfg.cache}: feature cache not found (build one with `nasfcos cache`)")
+    return cfg
+
+
 def check_cache(cfg: SearchRunConfig, store: ResultStore, using_proxy: bool) -> None:
-    """The cache must exist (a run whose own evaluator needs none may have no cache); with the real proxy it
-    must open, hold the FCOS targets the proxy trains on and have the fingerprint the run started with."""
-    if cfg.cache is None and not using_proxy:
-        return
-    cache_path = Path(str(cfg.cache))
-    if not cache_path.exists():
-        raise UserError(f"{cache_path}: feature cache not found (build one with `nasfcos cache`)")
+    """With the real proxy the cache (already found by :func:`resolve_cache`) must open, hold the FCOS targets
+    the proxy trains on and have the fingerprint the run started with."""
     if not using_proxy:
         return
+    cache_path = Path(str(cfg.cache))
     from nasfcos.data.cache import FeatureCache
 
     cache = FeatureCache.open(cache_path)

@@ -23,6 +23,7 @@ and stops the search with its one-line message.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -45,9 +46,9 @@ from nasfcos.search.results import EvaluationResult, as_result
 __all__ = [
     "DEFAULT_EVALUATOR",
     "CandidateTask",
+    "candidate_seed",
     "evaluator_spec",
     "resolve_evaluator",
-    "resolve_evaluator_and_spec",
     "run_task",
     "set_worker_threads",
 ]
@@ -64,10 +65,10 @@ class CandidateTask:
     """One candidate to evaluate, as shipped to a worker.
 
     ``index`` is the candidate's position in its batch (proposal order); ``key`` its ``Genotype.key()``;
-    ``seed`` the per-candidate seed (a function of the search seed and the key, so a genotype gets the same
-    training run whenever and wherever it is evaluated). ``python_path``: folders a worker puts on
-    ``sys.path`` before resolving ``evaluator`` (for evaluators outside installed packages, e.g. tests).
-    ``threads``: ``torch.set_num_threads`` in the worker (``None`` = leave it).
+    ``seed`` the per-candidate seed (:func:`candidate_seed`: a function of the search seed and the key, so a
+    genotype gets the same training run whenever and wherever it is evaluated). ``python_path``: folders a
+    worker puts on ``sys.path`` before resolving ``evaluator`` (for evaluators outside installed packages,
+    e.g. tests). ``threads``: ``torch.set_num_threads`` in the worker (``None`` = leave it).
     """
 
     index: int
@@ -83,31 +84,11 @@ class CandidateTask:
     threads: int | None = None
 
 
-# ------------------------------------------------------------------------------------------------ evaluators
-
-
-def resolve_evaluator_and_spec(evaluator: Callable[..., Any] | str | None) -> tuple[Callable[..., Any], str | None]:
-    """``(callable for in-process use, spec string for workers)`` of an evaluator given as a callable, a spec
-    string or ``None`` (= :data:`DEFAULT_EVALUATOR`); the spec is ``None`` for a lambda or closure."""
-    if evaluator is None:
-        evaluator = DEFAULT_EVALUATOR
-    if isinstance(evaluator, str):
-        return resolve_evaluator(evaluator), evaluator
-    return evaluator, evaluator_spec(evaluator)
-
-
-def module_root(spec: str) -> str | None:
-    """The ``sys.path`` folder a spec's module was imported from in this process (``None`` if unknown)."""
-    module_name = spec.partition(":")[0]
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
-    if not path:
-        return None
-    root = os.path.dirname(os.path.abspath(path))
-    depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
-    for _ in range(depth):
-        root = os.path.dirname(root)
-    return root
+def candidate_seed(search_seed: int, key: str) -> int:
+    """The training seed of a candidate: a function of the search seed and the genotype only, so a genotype
+    gets the same proxy run whatever batch, worker or restart it lands in."""
+    digest = hashlib.sha1(f"{int(search_seed)}:{key}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -307,3 +307,31 @@ def test_export_latency_benchmark_quick(tmp_path) -> None:
         assert row["median_ms"] > 0 and row["file_mib"] > 0 and row["repeats"] == 2
         assert row["ratio_to_pytorch"] == pytest.approx(row["median_ms"] / rows[("fpn-fcos", "pytorch")]["median_ms"])
     assert record["results"] == data["results"]
+
+
+@pytest.mark.parametrize("postprocess", [False, True])
+def test_check_fails_when_the_file_computes_something_else(postprocess: bool) -> None:
+    """The built-in check must be able to fail: the file checked against a model with other weights is caught."""
+    import copy
+
+    from nasfcos.export import exporter
+    from nasfcos.export.check import check_onnx, default_check_batches
+    from nasfcos.export.graph import POSTPROCESS_OUTPUTS, raw_output_names
+
+    model = _small("fpn-fcos", score_thresh=0.2)
+    names = list(POSTPROCESS_OUTPUTS if postprocess else raw_output_names())
+    data = exporter._export_bytes(
+        DeployGraph(model, postprocess=postprocess, pad=True), torch.rand(1, 3, 96, 128), names, 18, None, "", {}
+    )
+    batches = default_check_batches(model, (96, 128), 1)
+    assert check_onnx(model, data, batches, postprocess=postprocess).ok
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.decoder.head.predictor.bbox_pred.bias.add_(0.5)  # boxes ~65 % larger
+        other.decoder.head.predictor.cls_logits.bias.add_(0.3)  # scores higher
+    report = check_onnx(other, data, batches, postprocess=postprocess)
+    assert not report.ok and report.problems and report.lines()[0].endswith("FAILED")
+    if postprocess:
+        assert report.num_reference > 0 and report.num_matched < report.num_reference
+    else:
+        assert report.worst_fraction > 1.0

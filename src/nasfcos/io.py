@@ -8,6 +8,7 @@ can never execute code.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -86,6 +87,16 @@ def strip_common_prefixes(state: Mapping[str, Any], prefixes: Sequence[str]) -> 
                 result = {key[len(prefix):]: value for key, value in result.items()}
                 changed = True
     return result
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weight files can be large): how a run names the
+    exact weights it was built from."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

@@ -55,7 +55,7 @@ from nasfcos.analysis.fidelity_config import (
 )
 from nasfcos.config import config_to_dict, dump_config
 from nasfcos.errors import UserError
-from nasfcos.io import atomic_write_json, read_json
+from nasfcos.io import atomic_write_json, file_sha256, read_json
 
 __all__ = [
     "CONFIG_FILE",
@@ -180,14 +180,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def backbone_identity(cfg: FidelityConfig) -> dict[str, Any]:
     """What decides the search backbone: the weights file's digest, or how it is trained (and on what data)."""
     if cfg.backbone.weights is not None:
@@ -195,7 +187,7 @@ def backbone_identity(cfg: FidelityConfig) -> dict[str, Any]:
         if not path.is_file():
             raise UserError(f"backbone.weights: {path}: file not found; expected a backbone state dict "
                             "(e.g. a demo run's backbone/backbone.pt) or null to train one")
-        return {"name": cfg.backbone.name, "weights_sha256": _file_sha256(path)}
+        return {"name": cfg.backbone.name, "weights_sha256": file_sha256(path)}
     return {"train": config_to_dict(cfg.backbone), "data": config_to_dict(cfg.data)}
 
 

@@ -42,7 +42,7 @@ from nasfcos.detection.points import level_points
 from nasfcos.detection.targets import DEFAULT_RANGES, assign_targets_batch
 from nasfcos.detection.weights import read_detector_file
 from nasfcos.errors import UserError
-from nasfcos.io import atomic_write_json
+from nasfcos.io import atomic_write_json, file_sha256
 from nasfcos.nn.device import resolve_device
 from nasfcos.space.ops import FCOS_MODES, IMAGENET_MEAN, IMAGENET_STD, PYRAMID_STRIDES
 
@@ -64,14 +64,6 @@ def crop_record(record: ImageRecord, crop: int, seed: int) -> tuple[Tensor, dict
     image, target = Normalize(IMAGENET_MEAN, IMAGENET_STD)(image, target)
     target["ignore"] = target["iscrowd"].bool() | target["difficult"].bool()
     return image, target
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_sha256(state: Mapping[str, Tensor]) -> str:
@@ -150,7 +142,7 @@ def _weights_identity(backbone: str, weights: str | os.PathLike[str] | None,
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"{path}: backbone weights file not found")
-        return {"kind": "file", "sha256": _file_sha256(path), "path": str(path)}, ("file", path)
+        return {"kind": "file", "sha256": file_sha256(path), "path": str(path)}, ("file", path)
     if detector_weights is not None:
         path = Path(detector_weights)
         if not path.is_file():

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("torch_one_thread")``):
+    tiny LSTM steps and tiny feature maps are fastest single-threaded and immune to a busy machine's
+    oversubscription. The previous setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

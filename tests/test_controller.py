@@ -25,13 +25,7 @@ def tiny_mask(prefix: tuple[int, ...]) -> tuple[bool, ...]:
 TINY_VALID = [(0, 0), (0, 2), (1, 0), (1, 1), (1, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny LSTM steps are fastest single-threaded (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _scrambled(controller: Controller, seed: int = 3) -> Controller:

@@ -20,12 +20,7 @@ from known_rewards import dcn_concat_share
 from test_report import assert_png, make_search_run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _history(lr: float, updates: int) -> list[dict[str, float]]:

@@ -20,13 +20,7 @@ STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny maps: one intra-op thread is fastest here and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def features(height: int, width: int, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,13 +17,7 @@ IN_CHANNELS = {"c2": 8, "c3": 12, "c4": 20, "c5": 24}
 STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny maps: one intra-op thread is fastest here and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # The released genotype (FACTS 3): pool 0..3 = C2..C5.
 NAS_FCOS_CELLS = tuple(

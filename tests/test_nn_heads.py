@@ -16,13 +16,7 @@ C = 16
 LEVEL_SIZES = [(16, 12), (8, 6), (4, 3), (2, 2), (1, 1)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny maps: one intra-op thread is fastest here and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # Hand-counted parameters per op at width C (GN has 2C affine parameters).
 _DCN = 9 * C * C + C + 54 * C * 9 + 54

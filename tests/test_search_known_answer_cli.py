@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import known_rewards
 from nasfcos.cli import main
@@ -31,12 +30,7 @@ REACH = 0.95 * known_rewards.OPTIMA["dcn_concat_share"]
 SEEDS = [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def search(out: Path, strategy: str, seed: int, budget: int = BUDGET) -> list[Any]:

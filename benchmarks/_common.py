@@ -289,6 +289,27 @@ def time_calls(
     return times
 
 
+def time_round_robin(
+    calls: Mapping[Any, Callable[[], Any]], *, warmup: int, repeats: int
+) -> tuple[dict[Any, dict[str, Any]], dict[Any, Any]]:
+    """Time several calls against each other: ``(summary in ms per key, what each key's last warm-up call
+    returned)``.
+
+    Every call is warmed up first (at least once, so its result is known), then repeat ``r`` runs every call
+    once before repeat ``r + 1`` starts: a change in background load hits all rows alike, so ratios between
+    rows stay fair where absolute times do not.
+    """
+    results: dict[Any, Any] = {}
+    for key, fn in calls.items():
+        for _ in range(max(1, warmup)):
+            results[key] = fn()
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            times[key] += time_calls(fn, warmup=0, repeats=1)
+    return {key: summarize([t * 1000.0 for t in values]) for key, values in times.items()}, results
+
+
 def set_threads(threads: int | None) -> int:
     """``torch.set_num_threads(threads)`` (``None``: leave it) and return the count in effect."""
     import torch
@@ -330,6 +351,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def markdown_report(record: Mapping[str, Any], title: str, *blocks: str) -> str:
+    """The layout every ``<name>.md`` shares: ``title``, the machine line, the ``blocks`` (tables, paragraphs)
+    and the record's notes as a list, separated by blank lines."""
+    notes = "\n".join(f"- {note}" for note in record.get("notes", []))
+    parts = [title, machine_line(record["machine"], record["load"]), *blocks, notes]
+    return "\n\n".join(part for part in parts if part)
 
 
 def write_outputs(record: Mapping[str, Any], markdown: str, out_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:

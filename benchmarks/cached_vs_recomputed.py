@@ -249,9 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def to_markdown(record: dict[str, Any]) -> str:
     s = record["settings"]
-    lines = [f"### Decoder training on cached features vs recomputed frozen backbone "
-             f"({s['arch']} decoder @{s['width']}, {s['size']}x{s['size']} crops, batch {s['batch']})", "",
-             _common.machine_line(record["machine"], record["load"]), ""]
+    title = (f"### Decoder training on cached features vs recomputed frozen backbone "
+             f"({s['arch']} decoder @{s['width']}, {s['size']}x{s['size']} crops, batch {s['batch']})")
     headers = ["backbone", "cached s/step", "(read)", "(decoder)", "recomputed s/step", "(backbone)", "(decoder)",
                "recomputed / cached", "(decoder pooled)", f"cached epoch s ({PAPER_TRAIN_IMAGES} img)",
                f"recomputed epoch s ({PAPER_TRAIN_IMAGES} img)", "cache MB/img", "backbone GMACs/img",
@@ -260,9 +259,7 @@ def to_markdown(record: dict[str, Any]) -> str:
              r["recomputed_data_s"], r["recomputed_decoder_s"], r["speedup"], r["speedup_pooled"], r["cached_epoch_s"],
              r["recomputed_epoch_s"], r["cache_mb_per_image"], r["backbone_gmacs"], r["decoder_gmacs"]]
             for r in record["results"]]
-    lines.append(_common.markdown_table(headers, rows))
-    lines += ["", *[f"- {note}" for note in record["notes"]]]
-    return "\n".join(lines)
+    return _common.markdown_report(record, title, _common.markdown_table(headers, rows))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

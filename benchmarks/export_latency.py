@@ -102,21 +102,12 @@ def measure_all(models: tuple[str, ...], size: int, warmup: int, repeats: int, t
 
         calls[(arch, "pytorch")] = run_torch
         calls[(arch, "onnxruntime")] = run_ort
-    pairs = list(calls)
-    times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
-    boxes: dict[tuple[str, str], int] = {}
     with torch.no_grad():
-        for pair in pairs:
-            for _ in range(max(1, warmup)):
-                boxes[pair] = int(calls[pair]())
-        for _ in range(repeats):
-            for pair in pairs:
-                times[pair] += _common.time_calls(calls[pair], warmup=0, repeats=1)
+        stats, boxes = _common.time_round_robin(calls, warmup=warmup, repeats=repeats)
     rows = []
-    for arch, runtime in pairs:
-        stats = _common.summarize([t * 1000.0 for t in times[(arch, runtime)]])
-        rows.append({"model": arch, "runtime": runtime, "median_ms": stats["median"], "p90_ms": stats["p90"],
-                     "min_ms": stats["min"], "repeats": stats["n"], "boxes": boxes[(arch, runtime)], **info[arch]})
+    for (arch, runtime), row in stats.items():
+        rows.append({"model": arch, "runtime": runtime, "median_ms": row["median"], "p90_ms": row["p90"],
+                     "min_ms": row["min"], "repeats": row["n"], "boxes": int(boxes[(arch, runtime)]), **info[arch]})
     return rows
 
 
@@ -145,15 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def to_markdown(record: dict[str, Any]) -> str:
     settings = record["settings"]
-    lines = [f"### CPU latency, ONNX Runtime vs PyTorch eager, {settings['size']}x{settings['size']}, batch 1, "
-             f"{settings['threads']} thread(s), post-processing included ({settings['backbone']})",
-             "", _common.machine_line(record["machine"], record["load"]), ""]
+    title = (f"### CPU latency, ONNX Runtime vs PyTorch eager, {settings['size']}x{settings['size']}, batch 1, "
+             f"{settings['threads']} thread(s), post-processing included ({settings['backbone']})")
     headers = ["model", "runtime", "median ms", "p90 ms", "x PyTorch", "boxes", "file MiB", "export s", "GridSample nodes"]
     rows = [[r["model"], r["runtime"], r["median_ms"], r["p90_ms"], r.get("ratio_to_pytorch"), r["boxes"],
              r["file_mib"], r["export_s"], r["grid_sample_nodes"]] for r in record["results"]]
-    lines.append(_common.markdown_table(headers, rows))
-    lines += ["", *[f"- {note}" for note in record["notes"]]]
-    return "\n".join(lines)
+    return _common.markdown_report(record, title, _common.markdown_table(headers, rows))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,36 +121,29 @@ def measure_all(names: tuple[str, ...], size: int, warmup: int, repeats: int,
         model, set_thresh = build_model(name, size)
         models[name] = (model, set_thresh, count_gmacs(name, model, size) if gmacs else None)
     pairs = [(name, variant) for name in names for variant in variants]
-    times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
-    boxes: dict[tuple[str, str], int] = {}
     thresholds: dict[tuple[str, str], float] = {}
 
-    def call(pair: tuple[str, str]) -> Any:
+    def call(pair: tuple[str, str]) -> int:
         model, set_thresh, _ = models[pair[0]]
         set_thresh(0.0 if pair[1] == "full-nms" else None)
         thresholds[pair] = float(model.score_thresh)
-        return model([image])
+        return int(model([image])[0]["boxes"].shape[0])  # deterministic: same weights, same image
 
     # no_grad, not inference_mode: the deformable conv updates tensors on its own worker threads, outside the
     # caller's (thread-local) inference mode.
     with torch.no_grad():
-        for pair in pairs:  # warm-up, and the box count of each pair (deterministic: same weights, same image)
-            for _ in range(max(1, warmup)):
-                boxes[pair] = int(call(pair)[0]["boxes"].shape[0])
-        for _ in range(repeats):
-            for pair in pairs:
-                times[pair] += _common.time_calls(lambda: call(pair), warmup=0, repeats=1)
+        stats, boxes = _common.time_round_robin({pair: partial(call, pair) for pair in pairs}, warmup=warmup,
+                                                repeats=repeats)
     rows = []
-    for pair in pairs:
-        stats = _common.summarize([t * 1000.0 for t in times[pair]])
+    for pair, row in stats.items():
         rows.append({
             "model": pair[0],
             "variant": pair[1],
             "score_thresh": thresholds[pair],
-            "median_ms": stats["median"],
-            "p90_ms": stats["p90"],
-            "min_ms": stats["min"],
-            "repeats": stats["n"],
+            "median_ms": row["median"],
+            "p90_ms": row["p90"],
+            "min_ms": row["min"],
+            "repeats": row["n"],
             "boxes": boxes[pair],
             "gmacs": models[pair[0]][2],
         })
@@ -184,15 +178,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def to_markdown(record: dict[str, Any]) -> str:
     settings = record["settings"]
-    lines = [f"### CPU inference latency, {settings['size']}x{settings['size']}, batch 1, post-processing included",
-             "", _common.machine_line(record["machine"], record["load"]), ""]
+    title = f"### CPU inference latency, {settings['size']}x{settings['size']}, batch 1, post-processing included"
     headers = ["model (R-50)", "variant", "score thresh", "median ms", "p90 ms", "x torchvision FCOS", "boxes",
                "GMACs"]
     rows = [[r["model"], r["variant"], r["score_thresh"], r["median_ms"], r["p90_ms"], r.get("ratio_to_torchvision"),
              r["boxes"], r["gmacs"]] for r in record["results"]]
-    lines.append(_common.markdown_table(headers, rows))
-    lines += ["", *[f"- {note}" for note in record["notes"]]]
-    return "\n".join(lines)
+    return _common.markdown_report(record, title, _common.markdown_table(headers, rows))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -260,28 +260,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def to_markdown(record: dict[str, Any]) -> str:
     s = record["settings"]
     cache = record["cache"]
-    lines = [f"### Proxy throughput ({s['config']}: width {s['proxy']['width']}, {s['proxy']['epochs']} epochs, "
+    title = (f"### Proxy throughput ({s['config']}: width {s['proxy']['width']}, {s['proxy']['epochs']} epochs, "
              f"batch {s['proxy']['batch_size']}; {cache['backbone']} cache {cache['crop']}x{cache['crop']}, "
              f"{cache['train_images']} meta-train / {cache['val_images']} meta-val images; "
-             f"{s['genotypes']} sampled genotypes, {s['threads']} thread(s))", "",
-             _common.machine_line(record["machine"], record["load"]), ""]
+             f"{s['genotypes']} sampled genotypes, {s['threads']} thread(s))")
     rows = [[m["mode"], m["candidate_s"], m["candidates_per_hour"], m["train_images_per_s_end_to_end"],
              m["epochs_run"], f"{m['pruned']}/{m['candidates']}"] for m in record["modes"]]
-    lines.append(_common.markdown_table(["mode", "s / candidate", "candidates / hour", "train img/s (end to end)",
-                                         "epochs run", "pruned"], rows))
+    modes = _common.markdown_table(["mode", "s / candidate", "candidates / hour", "train img/s (end to end)",
+                                    "epochs run", "pruned"], rows)
     summary = record["summary"]
-    lines += ["", _common.markdown_table(
+    peak = _common.markdown_table(
         ["training images/s (marginal epoch)", "decoder GMACs / image", "achieved GFLOP/s (x3 fwd+bwd, x2)",
          "peak matmul GFLOP/s", "peak 3x3 conv GFLOP/s", "fraction of matmul peak", "fraction of conv peak"],
         [[summary["train_images_per_s"], summary["gmacs_per_image"], summary["achieved_gflops"],
           record["peak"]["matmul"]["gflops"], record["peak"]["conv3x3"]["gflops"],
-          summary["fraction_of_matmul_peak"], summary["fraction_of_conv_peak"]]])]
-    lines += ["", "Per genotype:", "", _common.markdown_table(
+          summary["fraction_of_matmul_peak"], summary["fraction_of_conv_peak"]]])
+    per_genotype = _common.markdown_table(
         ["genotype", "key", "GMACs / image", "params", "train epoch s", "train img/s", "achieved GFLOP/s"],
         [[g["genotype"], g["key"], g["gmacs_per_image"], g["params"], g["train_epoch_s"], g["train_images_per_s"],
-          g["achieved_gflops"]] for g in record["per_genotype"]])]
-    lines += ["", *[f"- {note}" for note in record["notes"]]]
-    return "\n".join(lines)
+          g["achieved_gflops"]] for g in record["per_genotype"]])
+    return _common.markdown_report(record, title, modes, peak, "Per genotype:", per_genotype)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

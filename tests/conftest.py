@@ -21,6 +21,17 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture()
+def restore_torch_threads() -> Iterator[None]:
+    """Give the rest of the session its torch thread count back after a test whose code calls
+    ``torch.set_num_threads`` (the benchmark scripts do)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 16 + 8 image synthetic set at 96 px (seconds to make)."""

@@ -8,31 +8,17 @@ cleanly without CUDA. The helpers' statistics are checked against hand-computed 
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import load_benchmark as _load
 
-
-def _load(name: str) -> Any:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads() -> Any:
-    """The scripts call torch.set_num_threads; give the rest of the session its thread count back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def _positive(value: Any) -> bool:
@@ -192,3 +178,16 @@ def test_cpu_preset_seconds_per_step_from_log(tmp_path: Path) -> None:
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n", encoding="utf-8")
     assert module.seconds_per_step(log) == pytest.approx(3.0)  # median of 2.0, 3.0, 4.0 s/step
     assert module.seconds_per_step(tmp_path / "missing.jsonl") is None
+
+
+def test_executor_faults_quick(tmp_path: Path) -> None:
+    """The fault-injection comparison runs; the supervised pool loses nothing and charges no bystander."""
+    import json
+
+    module = _load("executor_faults")
+    assert module.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "executor_faults.json").read_text())
+    supervised = next(row for row in record["designs"] if row["design"] == "supervised")
+    assert supervised["finished"] and supervised["correct"] and supervised["results"] == 6
+    assert supervised["bystander_extra_runs"] == 0 and supervised["errors"] == 0
+    assert supervised["culprit_runs"] == 2 * len(module._culprits(6))  # each culprit: one death, one success

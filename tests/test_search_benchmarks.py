@@ -5,33 +5,18 @@ re-evaluating."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 import test_search_loop
 from nasfcos.search.store import ResultStore
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import load_benchmark as _load
 
-
-def _load(name: str) -> Any:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads() -> Any:
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def test_quarter_means_and_spread_hand_computed() -> None:

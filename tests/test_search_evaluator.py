@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from helpers import sigkill_once_stored
 
 import evaluator_plugins
 import known_rewards
@@ -236,14 +236,6 @@ def test_python_api_takes_a_spec_or_a_function(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ kill -9 + resume
 
 
-def _count(store_path: Path) -> int:
-    try:
-        with ResultStore(store_path, readonly=True) as store:
-            return store.count()
-    except Exception:  # not created yet, or being created
-        return 0
-
-
 def _lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
@@ -263,18 +255,7 @@ def test_sigkill_of_a_process_executor_search_then_resume(tmp_path: Path) -> Non
     proc = subprocess.Popen(first, env={**env, evaluator_plugins.SLEEP_ENV: "0.25",
                                         evaluator_plugins.CALLS_FILE_ENV: str(before)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 300
-        while _count(run_dir / "store.sqlite") < 12:  # into the second batch of 8
-            assert proc.poll() is None, f"search ended early: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "search made no progress"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    sigkill_once_stored(proc, run_dir / "store.sqlite", 12)
     at_kill = [r.key for r in rows(run_dir)]
     assert 12 <= len(at_kill) < budget
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from helpers import sigkill_once_stored
 
 from nasfcos.search.config import load_search_run_config
 from nasfcos.search.loop import LOOP_STATE_KEY, run_search
@@ -182,14 +182,6 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def _count(store_path: Path) -> int:
-    try:
-        with ResultStore(store_path, readonly=True) as store:
-            return store.count()
-    except Exception:  # not created yet, or being created
-        return 0
-
-
 def test_sigkill_mid_search_then_resume(tmp_path: Path) -> None:
     """A real ``nasfcos search`` process is SIGKILLed after a few results; ``--resume`` completes it."""
     run_dir = tmp_path / "run"
@@ -204,18 +196,7 @@ def test_sigkill_mid_search_then_resume(tmp_path: Path) -> None:
              "--budget", "10", "--batch-size", "3", "--seed", "5", "--out", str(run_dir), *set_args]
     proc = subprocess.Popen(first, env={**base_env, SLEEP_ENV: "0.4", CALLS_FILE_ENV: str(calls_before)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while _count(run_dir / "store.sqlite") < 4:
-            assert proc.poll() is None, f"search ended early: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "search made no progress"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    sigkill_once_stored(proc, run_dir / "store.sqlite", 4)
     stored_at_kill = keys_in_order(run_dir)
     assert 4 <= len(stored_at_kill) < 10
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,26 +57,21 @@ FPN_PARAMS = {
 HEAD_PARAMS = {**FPN_PARAMS, "conv1x1": C * C + C + 2 * C, "conv3x3": 9 * C * C + C + 2 * C}
 
 
-@pytest.mark.parametrize("name", FPN_OP_NAMES)
-def test_fpn_op_shape_and_params(name: str) -> None:
-    torch.manual_seed(0)
-    op = build_fpn_op(name, C)
-    x = torch.randn(2, C, 13, 9)
-    assert op(x).shape == x.shape
-    assert n_params(op) == FPN_PARAMS[name]
-    norms = [m for m in op.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
-    assert all(isinstance(m, nn.BatchNorm2d) for m in norms) and len(norms) == (0 if name == "skip" else 1)
+OP_CASES = [("fpn", name, build_fpn_op, FPN_PARAMS, nn.BatchNorm2d) for name in FPN_OP_NAMES] + [
+    ("head", name, build_head_op, HEAD_PARAMS, nn.GroupNorm) for name in HEAD_OP_NAMES]
 
 
-@pytest.mark.parametrize("name", HEAD_OP_NAMES)
-def test_head_op_shape_and_params(name: str) -> None:
+@pytest.mark.parametrize(("part", "name", "build", "params", "norm"), OP_CASES, ids=[f"{c[0]}-{c[1]}" for c in OP_CASES])
+def test_op_shape_params_and_norm(part: str, name: str, build: Any, params: dict[str, int], norm: type) -> None:
+    """FPN ops keep the shape, have the hand-counted parameters and one BatchNorm; head ops the same with
+    one GroupNorm; ``skip`` has neither."""
     torch.manual_seed(0)
-    op = build_head_op(name, C)
-    x = torch.randn(2, C, 11, 7)
+    op = build(name, C)
+    x = torch.randn(2, C, 13, 9) if part == "fpn" else torch.randn(2, C, 11, 7)
     assert op(x).shape == x.shape
-    assert n_params(op) == HEAD_PARAMS[name]
+    assert n_params(op) == params[name]
     norms = [m for m in op.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
-    assert all(isinstance(m, nn.GroupNorm) for m in norms) and len(norms) == (0 if name == "skip" else 1)
+    assert all(isinstance(m, norm) for m in norms) and len(norms) == (0 if name == "skip" else 1)
 
 
 def test_head_skip_is_plain_identity() -> None:

@@ -2,8 +2,8 @@
 
 Each function takes a :class:`~nasfcos.space.genotype.Genotype` and returns a float, so the same functions
 serve the strategy-level tests (``tests/test_search_known_answer.py``), the settings measurement
-(``benchmarks/ppo_settings.py``) and, once the evaluator plugin exists, ``nasfcos search --evaluator
-known_rewards:dcn_concat_share --python-path tests``.
+(``benchmarks/ppo_settings.py``) and the CLI tests (``tests/test_search_known_answer_cli.py``: ``nasfcos search --evaluator
+known_rewards:dcn_concat_share --python-path tests``).
 
 Why these: they are cheap (microseconds), their optimum is known by construction, and uniform random search
 is provably far from it, so "PPO reaches >= 0.95 of the optimum and random does not" is a meaningful test of

@@ -303,3 +303,57 @@ def test_kill_9_of_the_search_process_leaves_no_worker_alive(tmp_path: Path, cal
     while [pid for pid in children if _alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in children if _alive(pid)], "processes of the killed search still alive"
+
+
+def _child_square(queue: Any, value: int) -> None:
+    queue.put(value * value)
+
+
+def starts_a_process(genotype: Any, cache: Any, cfg: Any, *, seed: int, early_stop_reference: Any = None) -> Any:
+    """An evaluator with a process of its own (as a DataLoader with workers has): workers must not be daemonic."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child_square, args=(queue, 7))
+    child.start()
+    value = queue.get(timeout=DEADLINE_S)
+    child.join(timeout=DEADLINE_S)
+    result = deterministic_evaluator(genotype, cache, cfg, seed=seed)
+    assert value == 49, value
+    return result
+
+
+def test_an_evaluator_may_start_processes_of_its_own(calls: Path) -> None:
+    tasks = make_tasks(2)
+    expected = {t.key: o.reward for t, o in InlineExecutor().map_candidates(tasks)}
+    with ProcessExecutor(workers=2, max_retries=0) as executor:
+        results = {t.key: o for t, o in executor.map_candidates([_with(t, "starts_a_process") for t in tasks])}
+    assert {k: (o.status, o.error) for k, o in results.items()} == {k: ("ok", None) for k in expected}
+    assert {k: o.reward for k, o in results.items()} == expected
+
+
+UNCLOSED_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, {here!r})
+os.environ[{marker_env!r}] = {markers!r}
+from test_executors import make_tasks
+from nasfcos.search.executors import ProcessExecutor
+
+executor = ProcessExecutor(workers=2)
+results = list(executor.map_candidates(make_tasks(2)))
+print("PIDS", *executor.worker_pids(), flush=True)
+# no close(): the interpreter must still exit, and take its workers with it
+"""
+
+
+def test_a_process_that_never_closes_its_executor_still_exits(tmp_path: Path, calls: Path) -> None:
+    script = UNCLOSED_SCRIPT.format(here=HERE, marker_env=MARKER_ENV, markers=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=DEADLINE_S * 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pids = [int(p) for line in proc.stdout.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
+    assert pids
+    deadline = time.monotonic() + 10.0
+    while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _alive(pid)]

@@ -19,6 +19,8 @@ its workers one by one instead:
   within ``start_timeout_s``, a job may run at most ``job_timeout_s`` (then its worker is killed and the job
   reported as timed out, not retried: a deterministic hang would hang again), and :meth:`SupervisedPool.close`
   asks, then terminates, then kills — it cannot hang.
+- Workers are **not daemonic**, so a job may start processes of its own (e.g. a DataLoader with workers); a pool
+  that was never closed closes itself at interpreter exit (before multiprocessing would join its workers).
 - **Workers never outlive the parent**: each worker runs a watchdog thread that exits the process as soon as its
   parent process is gone (``os.getppid()`` changes when the parent dies, by ``kill -9`` or otherwise), even in
   the middle of a long job. Workers ignore SIGINT, so Ctrl-C reaches only the parent, which then closes them.
@@ -30,11 +32,14 @@ that cannot be pickled comes back as an error, the stream stays intact because p
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so ours (registered later) runs first
 import os
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -146,6 +151,12 @@ class _Worker:
     acknowledged: bool = False  # the worker said it started the job (a death before that costs nothing)
 
 
+def _close_if_alive(pool_ref: weakref.ReferenceType[SupervisedPool]) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.close()
+
+
 class SupervisedPool:
     """Up to ``workers`` spawned processes running jobs one at a time each; see the module docstring.
 
@@ -175,6 +186,9 @@ class SupervisedPool:
         self._workers: list[_Worker] = []
         self._startup_failures = 0
         self._last_startup_exit = ""
+        # Workers are not daemonic, so an evaluator may start processes of its own (a DataLoader with workers);
+        # multiprocessing joins non-daemonic children at interpreter exit, so an unclosed pool closes itself first.
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     # -- worker management ---------------------------------------------------------------------------------
 
@@ -186,7 +200,7 @@ class SupervisedPool:
         parent_end, child_end = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker_main, args=(child_end, os.getpid(), self.initializer, self.initargs),
-            name="nasfcos-worker", daemon=True,
+            name="nasfcos-worker", daemon=False,
         )
         process.start()
         child_end.close()  # the parent keeps only its end: a dead worker then reads as end-of-file

@@ -35,6 +35,8 @@ run benchmarks/inference_latency.py --threads "$THREADS" --out-dir "$OUT_DIR" "$
 run benchmarks/cached_vs_recomputed.py --threads "$THREADS" --out-dir "$OUT_DIR" "${QUICK[@]}"
 run benchmarks/proxy_throughput.py --out-dir "$OUT_DIR" "${QUICK[@]}"   # threads: the preset's (proxy-cpu.yaml)
 run benchmarks/gpu_paper_settings.py --out-dir "$OUT_DIR" "${QUICK[@]}"
+run benchmarks/export_latency.py --threads "$THREADS" --out-dir "$OUT_DIR" "${QUICK[@]}"
+run benchmarks/executor_faults.py --out-dir "$OUT_DIR" "${QUICK[@]}"
 
 if [[ ${#QUICK[@]} -eq 0 ]]; then
     [[ -f benchmarks/table2.py ]] && run benchmarks/table2.py

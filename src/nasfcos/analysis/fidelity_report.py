@@ -313,8 +313,8 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
         lines.append(f"Pooled seed-to-seed std: {_pct(spread['pooled_std'])} AP points; across the "
                      f"{sum(a is not None for a in summary['reference'].values())} decoders: std "
                      f"{_pct(spread['across_std'])}, range {_pct(spread['across_range'])}; ratio "
-                     f"{_num(spread['ratio'], '.1f')} (well above 1: the reference separates decoders by more than "
-                     "its own noise).")
+                     f"{_num(spread['ratio'], '.1f')} (the reference separates decoders by more than its own noise only "
+                     "when this is well above 1).")
     else:
         lines.append("*No seed-spread units finished: the reference's noise is not measured.*")
     lines.append("")

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from nasfcos.search.executors import InlineExecutor, ProcessExecutor, RayExecutor, build_executor
-from nasfcos.search.runner import CandidateTask, outcome_from, run_task
+from nasfcos.search.results import as_result as outcome_from
+from nasfcos.search.runner import CandidateTask, run_task
 from test_search_loop import SMALL_SPACE, cache_dir, deterministic_evaluator, fake_reward, quick_cfg, run_cfg
 
 HERE = str(Path(__file__).resolve().parent)

@@ -1,7 +1,7 @@
 """Where candidates are evaluated: this process, a local process pool, or a Ray cluster.
 
 All executors share one interface, :meth:`Executor.map_candidates`: give it a batch of
-:class:`~nasfcos.search.runner.CandidateTask` and iterate over ``(task, CandidateOutcome)`` pairs *as they
+:class:`~nasfcos.search.runner.CandidateTask` and iterate over ``(task, EvaluationResult)`` pairs *as they
 complete* (not in submission order), so the loop can store each result the moment it exists — a kill loses
 at most the candidates still running. Every task yields exactly one outcome: a worker that crashes has its
 candidate retried, and after the retries the candidate is reported ``failed`` with the reason (the search
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from nasfcos.errors import UserError
-from nasfcos.search.runner import CandidateOutcome, CandidateTask, failed_outcome, run_task, set_worker_threads
+from nasfcos.search.results import EvaluationResult
+from nasfcos.search.runner import CandidateTask, run_task, set_worker_threads
 from nasfcos.search.worker_pool import JobResult, SupervisedPool
 
 __all__ = [
@@ -73,7 +74,7 @@ class Executor(ABC):
     name: str = "executor"
 
     @abstractmethod
-    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, CandidateOutcome]]:
+    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, EvaluationResult]]:
         """Yield ``(task, outcome)`` for every task, in completion order."""
 
     @property
@@ -111,7 +112,7 @@ class InlineExecutor(Executor):
     def __init__(self, evaluator: Callable[..., Any] | None = None) -> None:
         self.evaluator = evaluator
 
-    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, CandidateOutcome]]:
+    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, EvaluationResult]]:
         for task in tasks:
             task = self.prepare(task)
             yield task, run_task(task, self.evaluator)
@@ -149,7 +150,7 @@ class ProcessExecutor(Executor):
         """Process ids of the live workers."""
         return [] if self._pool is None else self._pool.pids()
 
-    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, CandidateOutcome]]:
+    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, EvaluationResult]]:
         """Run ``tasks`` on the workers, yielding results as they complete; a candidate whose worker dies is
         retried (only that candidate: each worker holds one), then reported failed."""
         if self._pool is None:
@@ -165,17 +166,17 @@ class ProcessExecutor(Executor):
             self._pool = None
 
 
-def _outcome_of(result: JobResult) -> CandidateOutcome:
+def _outcome_of(result: JobResult) -> EvaluationResult:
     """A worker-pool result as the candidate's outcome; a ``UserError`` raised in a worker stops the search."""
     if result.kind == "ok":
         return result.value
     if result.kind == "error":
         if isinstance(result.value, UserError):
             raise UserError(str(result.value))
-        return failed_outcome(f"{type(result.value).__name__}: {result.value}")
+        return EvaluationResult.failure(f"{type(result.value).__name__}: {result.value}")
     if result.kind == "timeout":
-        return failed_outcome(f"candidate timed out: {result.message}")
-    return failed_outcome(result.message)
+        return EvaluationResult.failure(f"candidate timed out: {result.message}")
+    return EvaluationResult.failure(result.message)
 
 
 def _reload_ray_auth_config() -> None:
@@ -343,7 +344,7 @@ class RayExecutor(Executor):
 
     # -- running -----------------------------------------------------------------------------------------
 
-    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, CandidateOutcome]]:
+    def map_candidates(self, tasks: Sequence[CandidateTask]) -> Iterator[tuple[CandidateTask, EvaluationResult]]:
         self._start()
         ray = self._ray
         from ray.exceptions import RayError
@@ -368,12 +369,12 @@ class RayExecutor(Executor):
                             refs[self._remote.remote(task)] = (task, extra + 1, time.monotonic())
                             continue
                         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                        outcome = failed_outcome(f"{type(exc).__name__}: {first_line}")
+                        outcome = EvaluationResult.failure(f"{type(exc).__name__}: {first_line}")
                     yield task, outcome
                 for ref, (task, _extra, started) in list(self._overdue(refs).items()):
                     refs.pop(ref)
                     ray.cancel(ref, force=True)
-                    yield task, failed_outcome(f"candidate timed out: ran longer than {self.candidate_timeout_s:g} s; "
+                    yield task, EvaluationResult.failure(f"candidate timed out: ran longer than {self.candidate_timeout_s:g} s; "
                                                "its Ray task was cancelled")
         except GeneratorExit:
             for ref in refs:

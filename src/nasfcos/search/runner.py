@@ -53,12 +53,6 @@ __all__ = [
     "set_worker_threads",
 ]
 
-#: Old names, kept importable while the executors move over (the record is
-#: :class:`~nasfcos.search.results.EvaluationResult`).
-CandidateOutcome = EvaluationResult
-failed_outcome = EvaluationResult.failure
-outcome_from = as_result
-
 
 @dataclass(frozen=True)
 class CandidateTask:

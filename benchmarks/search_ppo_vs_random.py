@@ -29,6 +29,7 @@ be added run by run. The study in the README::
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }, threads)
     started = time.perf_counter()
     runs = _previous_runs(out_dir)
+    finished: dict[str, Any] | None = None
     for seed in seeds:
         for strategy in strategies:
             run_dir = Path(args.out) / f"seed{seed}" / FOLDERS[strategy]
@@ -317,7 +319,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "measured": record["machine"]["date"], "stats": stats}
             print(f"{strategy} seed {seed}: {stats['evaluated']} evaluated, best {stats['best']}, "
                   f"Q1 {stats['q1']} -> Q4 {stats['q4']}", flush=True)
-    record["runs"] = runs
+            # Results after every run: a study of hours killed at a session's limit keeps what it measured.
+            finished = _conclude(copy.deepcopy(record), runs, settings_key, started, out_dir)
+    return finished if finished is not None else _conclude(record, runs, settings_key, started, out_dir)
+
+
+def _conclude(record: dict[str, Any], runs: dict[str, Any], settings_key: str, started: float,
+              out_dir: Path) -> dict[str, Any]:
+    """Summarise ``runs`` into ``record`` and write the JSON / markdown (atomically, by ``_common``)."""
+    record["runs"] = dict(runs)
     record["summary"] = aggregate(runs, settings_key)
     record["verdict"] = verdict(record["summary"])
     return _common.conclude(record, started, markdown_of, out_dir,

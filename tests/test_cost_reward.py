@@ -47,7 +47,8 @@ def test_apply_keeps_the_raw_reward_and_leaves_failures_alone() -> None:
 
 def test_config_mistakes_are_user_errors() -> None:
     with pytest.raises(UserError, match="target"):
-        config_from_dict(CostRewardConfig, {"enabled": True}, source="x.yaml")
+        config_from_dict(CostRewardConfig, {"enabled": True, "target": 0}, source="x.yaml")
+    assert config_from_dict(CostRewardConfig, {"enabled": True}, source="x").target is None  # = target_arch's cost
     with pytest.raises(UserError, match="weight"):
         config_from_dict(CostRewardConfig, {"weight": -1}, source="x.yaml")
     with pytest.raises(UserError, match="metric"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from nasfcos.nn.cost import (
     module_macs,
     raw_forward,
     sum_under,
+    time_forward_ms,
 )
 
 __all__ = [
@@ -83,27 +83,6 @@ def _make_inputs(
     return x, (height, width)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _measure_latency(
-    model: nn.Module, inputs: Any, forward_fn: ForwardFn, warmup: int, repeats: int
-) -> list[float]:
-    device, _ = _model_device_dtype(model)
-    for _ in range(warmup):
-        forward_fn(model, inputs)
-    _synchronize(device)
-    times_ms: list[float] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward_fn(model, inputs)
-        _synchronize(device)
-        times_ms.append((time.perf_counter() - start) * 1000.0)
-    return times_ms
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in 0..100)."""
     ordered = sorted(values)
@@ -155,7 +134,7 @@ def profile(
         result = _summary(sum(params.values()), sum(macs.values()))
         result["size"] = list(hw) if hw is not None else None
         if latency:
-            times = _measure_latency(model, inputs, call, warmup, repeats)
+            times = time_forward_ms(model, inputs, call, warmup=warmup, repeats=repeats)
             result["latency_ms_median"] = statistics.median(times)
             result["latency_ms_p90"] = _percentile(times, 90)
             result["threads"] = torch.get_num_threads()

@@ -527,6 +527,56 @@ def _best_genotype_section(rep: _Report, search: SearchData) -> None:
     )
 
 
+def _decoder_cost_section(rep: _Report, search: SearchData) -> None:
+    """The best decoder's parameters, GMACs and CPU latency next to ``fpn-fcos``'s, at the proxy width on the
+    search's cache (:mod:`nasfcos.analysis.decoder_costs`), and the cost-aware reward's settings when it was on."""
+    import os
+
+    from nasfcos.search.cost_reward import TARGET_META_KEY
+
+    rep.add("### Cost of the best decoder")
+    config = search.config or {}
+    cost = ((config.get("search") or {}).get("cost_reward") or {}) if isinstance(config.get("search"), Mapping) else {}
+    if cost.get("enabled"):
+        target = cost.get("target") if cost.get("target") is not None else search.meta.get(TARGET_META_KEY)
+        where = ("the configured value" if cost.get("target") is not None
+                 else f"`{cost.get('target_arch')}` measured when the search started")
+        rep.add(f"The reward was cost-aware (`search.cost_reward`, {cost.get('metric')}, weight {cost.get('weight')}, "
+                f"target {_fmt_significant(target, 4)}: {where}): a decoder costlier than the target had its reward "
+                "lowered by the factor (cost / target)^weight, a cheaper one raised; the raw rewards are kept as "
+                "`metrics.raw_reward`.")
+    if not search.top:
+        rep.add(_note("no successful candidate yet"))
+        return
+    cache = config.get("cache")
+    proxy = config.get("proxy") if isinstance(config.get("proxy"), Mapping) else {}
+    if not isinstance(cache, str) or not os.path.isdir(cache) or not isinstance(proxy.get("width"), int):
+        rep.add(_note("the search's feature cache is not here (or config.yaml lacks it): only the search's own "
+                      f"GMACs are known ({_fmt(search.top[0].gmacs, 3)} for the best decoder)"))
+        return
+    from nasfcos.analysis.decoder_costs import compare_decoder_costs
+    from nasfcos.space import resolve_arch
+
+    try:
+        best = _genotype_from_text(search.top[0].genotype_json)
+        rows = compare_decoder_costs({"fpn-fcos": resolve_arch("fpn-fcos"), "best searched": best}, cache,
+                                     proxy["width"], fcos=str(proxy.get("fcos", "vanilla")),
+                                     concat=str(proxy.get("concat", "grouped")))
+    except (UserError, RuntimeError, ValueError, OSError) as exc:
+        rep.add(_note(f"the decoder costs could not be measured: {exc}"))
+        return
+    rep.add(
+        _table(["decoder", "params (M)", "GMACs", "x fpn-fcos", "CPU latency (ms)", "x fpn-fcos"],
+               [[r["name"], _fmt(r["params_m"], 3), _fmt_significant(r["gmacs"], 4), _fmt(r["gmacs_x"], 2),
+                 _fmt(r["latency_ms"], 2), _fmt(r["latency_x"], 2)] for r in rows]),
+        f"The decoder alone at the proxy width ({proxy['width']}) on one image of the cache's feature sizes: "
+        "parameters and GMACs counted as the search counts them, latency the median of 20 batch-1 forward passes "
+        "on the CPU with one thread, measured now on this machine (compare the two rows with each other, not "
+        "with another machine)." + ("" if cost.get("enabled") else " The search ranked by its reward alone "
+                                    "(`search.cost_reward` was off)."),
+    )
+
+
 def _genotype_from_text(text: str) -> Any:
     """A genotype from JSON text: the genotype object, a released list, or ``{"genotype": {...}, ...}``."""
     import json
@@ -606,6 +656,7 @@ def _search_section(rep: _Report, search: SearchData | None) -> None:
         rep.add(_note("the results store is empty: no reward curve"))
     _controller_section(rep, search)
     _best_genotype_section(rep, search)
+    _decoder_cost_section(rep, search)
     _top_k_section(rep, search)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "module_macs",
     "raw_forward",
     "sum_under",
+    "time_forward_ms",
 ]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -209,3 +210,31 @@ def count_cost(model: nn.Module, inputs: Any, *, forward_fn: ForwardFn | None = 
     with eval_mode(model):
         macs, params = count_per_module(model, inputs, forward_fn, meta)
     return Cost(params=sum(params.values()), macs=sum(macs.values()))
+
+
+def time_forward_ms(model: nn.Module, inputs: Any, forward_fn: ForwardFn | None = None, *, warmup: int = 3,
+                    repeats: int = 10) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls of ``forward_fn(model, inputs)`` (default :func:`raw_forward`) after
+    ``warmup`` untimed ones, CUDA synchronised around each call. The caller chooses the mode and threads
+    (:func:`eval_mode`): the search times a candidate decoder with this, ``nasfcos profile`` a whole detector."""
+    import time
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_forward_ms: repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    call = forward_fn or raw_forward
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        call(model, inputs)
+    synchronize()
+    times_ms: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(model, inputs)
+        synchronize()
+        times_ms.append((time.perf_counter() - start) * 1000.0)
+    return times_ms

@@ -25,6 +25,7 @@ from nasfcos.config import _read_yaml, _require, apply_overrides, config_from_di
 __all__ = [
     "RESUMABLE_KEYS",
     "ControllerConfig",
+    "CostRewardConfig",
     "PPOConfig",
     "ProxyConfig",
     "SearchConfig",
@@ -150,6 +151,7 @@ class ProxyConfig:
     channels_last: Optional[bool] = None  # None = on CUDA only
     preload: bool = True  # hold the cache in memory on the device (once per process)
     preload_max_gb: float = 16.0  # ... when both splits together are at most this big
+    latency_runs: int = 0  # > 0: also time the decoder's batch-1 forward (median of this many, metrics.latency_ms)
 
     def __post_init__(self) -> None:
         _require(self.width >= 2 and self.width % 2 == 0, "width", self.width, "an even number >= 2")
@@ -175,6 +177,31 @@ class ProxyConfig:
         _require(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"), "device", self.device,
                  "auto, cpu, cuda or cuda:N")
         _require(self.preload_max_gb >= 0, "preload_max_gb", self.preload_max_gb, ">= 0")
+        _require(self.latency_runs >= 0, "latency_runs", self.latency_runs, ">= 0 (0: not measured)")
+
+
+@dataclass(frozen=True)
+class CostRewardConfig:
+    """The optional cost-aware reward (:mod:`nasfcos.search.cost_reward` has the formula); off by default, the
+    paper's reward stays the default.
+
+    ``metric``: ``gmacs`` (the decoder's, counted by every proxy evaluation) or ``latency_ms`` (its batch-1
+    forward time, measured by the proxy when ``proxy.latency_runs`` > 0, or an evaluator's own
+    ``latency_ms``). ``target``: the cost at which the reward is unchanged; ``null`` = the cost of
+    ``target_arch`` (default ``fpn-fcos``) measured the same way on the run's cache and proxy width when the
+    run starts, kept in the results store so a resumed run uses the same number. ``weight``: MnasNet's
+    ``|w|`` (0.07: twice the target cost must be ~5 % better to tie)."""
+
+    enabled: bool = False
+    metric: Literal["gmacs", "latency_ms"] = "gmacs"
+    target: Optional[float] = None
+    target_arch: str = "fpn-fcos"
+    weight: float = 0.07
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.weight) and self.weight >= 0, "weight", self.weight, "a finite number >= 0")
+        _require(self.target is None or (math.isfinite(self.target) and self.target > 0), "target", self.target,
+                 "a positive number, or null for the cost of target_arch")
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,7 @@ class SearchConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    cost_reward: CostRewardConfig = field(default_factory=CostRewardConfig)
 
     def __post_init__(self) -> None:
         _require(self.budget >= 1, "budget", self.budget, ">= 1")

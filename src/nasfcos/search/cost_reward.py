@@ -15,42 +15,31 @@ so ``reward'`` decreases with cost for either sign, equals ``reward`` at ``cost 
 is the same ``weight * ln(cost / target)`` to first order whatever the reward's scale.
 
 ``cost`` is the record's ``gmacs`` (the decoder alone at the cached input size; every proxy result has it) or
-``metrics["latency_ms"]`` when an evaluator measures latency. :func:`apply_cost_reward` keeps the raw reward in
-``metrics["raw_reward"]`` (and the factor in ``metrics["cost_factor"]``) so reports can show both; a failed record,
-or one without a positive cost, is returned unchanged.
+``metrics["latency_ms"]`` (measured by the proxy with ``proxy.latency_runs`` > 0, or an evaluator's own).
+:func:`apply_cost_reward` keeps the raw reward in ``metrics["raw_reward"]`` (and the factor in
+``metrics["cost_factor"]``) so reports can show both; a failed record, or one without a positive cost, is
+returned unchanged. The search loop applies it to each evaluation as it arrives, before the result is stored
+and handed to the strategy (:func:`resolve_cost_reward` fixes the target once per run).
 
-Wiring (for the search's owners): a ``cost_reward: CostRewardConfig`` section in ``SearchConfig`` and
-``outcome = apply_cost_reward(outcome, cfg.cost_reward)`` where the loop receives each evaluation, before it is
-stored and handed to the strategy.
+Choosing ``weight``: the relative change is ``weight x ln(cost / target)``, while the proxy's loss rewards of
+different decoders differ by a few per cent at most, so MnasNet's 0.07 makes cost dominate a loss reward; values
+around 0.01 trade a few per cent of cost against the loss differences seen in a search.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any
 
-__all__ = ["CostRewardConfig", "apply_cost_reward", "cost_aware_reward"]
+from nasfcos.errors import UserError
+from nasfcos.search.config import CostRewardConfig, SearchRunConfig
 
+__all__ = ["TARGET_META_KEY", "CostRewardConfig", "apply_cost_reward", "check_cost_reward", "cost_aware_reward",
+           "resolve_cost_reward"]
 
-@dataclass(frozen=True)
-class CostRewardConfig:
-    """``enabled``: apply the cost term. ``metric``: ``gmacs`` or ``latency_ms``. ``target``: the cost at which the
-    reward is unchanged (e.g. ``fpn-fcos``'s decoder GMACs at the proxy width). ``weight``: MnasNet's ``|w|``."""
-
-    enabled: bool = False
-    metric: Literal["gmacs", "latency_ms"] = "gmacs"
-    target: Optional[float] = None
-    weight: float = 0.07
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight: got {self.weight!r}; expected a finite number >= 0")
-        if self.target is not None and not (math.isfinite(self.target) and self.target > 0):
-            raise ValueError(f"target: got {self.target!r}; expected a positive number or null")
-        if self.enabled and self.target is None:
-            raise ValueError("target: got None; expected a positive cost when enabled is true")
+#: Results-store meta key of the target cost a run fixed when it started (a resumed run reuses it).
+TARGET_META_KEY = "cost_reward_target"
 
 
 def cost_aware_reward(reward: float, cost: float, target: float, weight: float) -> float:
@@ -69,8 +58,57 @@ def apply_cost_reward(result: Any, cfg: CostRewardConfig) -> Any:
     cost = result.gmacs if cfg.metric == "gmacs" else (result.metrics or {}).get("latency_ms")
     if cost is None or not math.isfinite(float(cost)) or float(cost) <= 0:
         return result
-    assert cfg.target is not None  # guaranteed by the config when enabled
+    if cfg.target is None:
+        raise ValueError("apply_cost_reward: the target cost is not resolved (resolve_cost_reward)")
     reward = cost_aware_reward(float(result.reward), float(cost), cfg.target, cfg.weight)
     metrics = {**(result.metrics or {}), "raw_reward": float(result.reward),
                "cost_factor": (float(cost) / cfg.target) ** cfg.weight}
     return dataclasses.replace(result, reward=reward, metrics=metrics)
+
+
+def check_cost_reward(cfg: SearchRunConfig, using_proxy: bool) -> None:
+    """The run's cost-reward settings can be used (checked before the run folder is created): a
+    :class:`UserError` naming the key otherwise."""
+    cost = cfg.search.cost_reward
+    if not cost.enabled:
+        return
+    if using_proxy and cost.metric == "latency_ms" and cfg.proxy.latency_runs < 1:
+        raise UserError("search.cost_reward.metric=latency_ms: the proxy measures no latency; set "
+                        "proxy.latency_runs (e.g. --set proxy.latency_runs=20)")
+    if cost.target is None:
+        if not using_proxy or cfg.cache is None:
+            raise UserError("search.cost_reward.target: null measures target_arch on the proxy's feature cache; "
+                            "with an evaluator of your own give the target cost as a number")
+        from nasfcos.space import resolve_arch
+
+        try:
+            resolve_arch(cost.target_arch)
+        except UserError as exc:
+            raise UserError(f"search.cost_reward.target_arch={cost.target_arch}: {exc}") from None
+
+
+def resolve_cost_reward(cfg: SearchRunConfig, store: Any, using_proxy: bool) -> CostRewardConfig:
+    """The run's cost-reward settings with a numeric target: the configured one, the one a resumed run fixed
+    (``store`` meta :data:`TARGET_META_KEY`), or ``target_arch``'s cost measured now on the run's cache with the
+    proxy's width, device and threads, then kept in the store."""
+    check_cost_reward(cfg, using_proxy)
+    cost = cfg.search.cost_reward
+    if not cost.enabled or cost.target is not None:
+        return cost
+    saved = store.get_meta(TARGET_META_KEY)
+    if saved is not None:
+        return dataclasses.replace(cost, target=float(saved))
+    from nasfcos.search.proxy import decoder_cost, decoder_latency_ms
+    from nasfcos.space import resolve_arch
+
+    genotype = resolve_arch(cost.target_arch)
+    proxy = cfg.proxy
+    if cost.metric == "gmacs":
+        target = decoder_cost(genotype, str(cfg.cache), proxy.width, fcos=proxy.fcos, concat=proxy.concat)[1]
+    else:
+        target = decoder_latency_ms(genotype, str(cfg.cache), proxy.width, runs=proxy.latency_runs, fcos=proxy.fcos,
+                                    concat=proxy.concat, device=proxy.device, threads=proxy.threads)
+    if not (math.isfinite(target) and target > 0):
+        raise UserError(f"search.cost_reward.target_arch={cost.target_arch}: measured cost {target!r} is not positive")
+    store.set_meta(TARGET_META_KEY, float(target))
+    return dataclasses.replace(cost, target=float(target))

@@ -44,6 +44,12 @@ result is committed with the strategy state. Each candidate's ``early_stop_loss`
 :class:`~nasfcos.search.results.EvaluationResult`, written in the same transaction as the rest of it, so a
 resumed batch folds in exactly the same values.
 
+**Cost-aware reward (optional, off by default).** With ``search.cost_reward.enabled`` each evaluation's reward
+is made cost-aware as it arrives, before it is stored or handed to the strategy
+(:mod:`nasfcos.search.cost_reward`; the raw reward stays in ``metrics.raw_reward``). A ``null`` target is
+``target_arch``'s cost measured once when the run starts and kept in the store, so a resumed run ranks with
+the same number.
+
 Outputs in the run folder (:mod:`nasfcos.search.run_folder`): ``config.yaml``, ``store.sqlite``, ``log.jsonl``
 and ``tensorboard/`` (``candidate/*`` per evaluation, ``update/*`` per policy update) and ``topk/``.
 """
@@ -60,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from nasfcos.errors import UserError
-from nasfcos.search.config import SearchRunConfig, build_search_space
+from nasfcos.search.config import CostRewardConfig, SearchRunConfig, build_search_space
+from nasfcos.search.cost_reward import apply_cost_reward, check_cost_reward, resolve_cost_reward
 from nasfcos.search.early_stop import EarlyStopReference
 from nasfcos.search.executors import Executor, build_executor
 from nasfcos.search.results import EvaluationResult
@@ -137,6 +144,7 @@ class _Run:
     committed: int = 0
     worst: float | None = None
     best: float | None = None
+    cost_reward: CostRewardConfig = field(default_factory=CostRewardConfig)  # with its target resolved
 
 
 @dataclass
@@ -217,12 +225,14 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
         )
     strategy = build_strategy(search.strategy, build_search_space(search.space), search.seed,
                               controller=search.controller, ppo=search.ppo)
+    check_cost_reward(cfg, using_proxy)
     prepare_run_dir(run_dir, cfg, resume)
     store = ResultStore(run_dir / STORE_FILE)
     owned: list[Any] = []  # closed in reverse order
     restore_candidate_progress = candidate_progress(progress)  # the proxy's in-candidate lines, workers included
     try:
         check_cache(cfg, store, using_proxy)
+        cost_reward = resolve_cost_reward(cfg, store, using_proxy)
         state = _restore(store, strategy, cfg)
         tally = _tally_stored(store, state)
         if executor is None:
@@ -236,10 +246,14 @@ def _open_run(run_dir: Path, cfg: SearchRunConfig, resume: bool, evaluator: Call
         owned.append(logger)
         logger.log_event("resume" if resume else "start", step=state.step, evaluated=store.count(),
                          budget=search.budget, **executor.describe())
+        if cost_reward.enabled:
+            logger.log_event("cost_reward", metric=cost_reward.metric, target=cost_reward.target,
+                             target_arch=cost_reward.target_arch, weight=cost_reward.weight)
         bar = ProgressBar(total=search.budget, initial=min(store.count(), search.budget), desc="search",
                           enabled=progress, text_every=1)
         owned.append(bar)
-        yield _Run(run_dir, cfg, store, strategy, executor, logger, bar, state, run_evaluator, *tally)
+        yield _Run(run_dir, cfg, store, strategy, executor, logger, bar, state, run_evaluator, *tally,
+                   cost_reward=cost_reward)
     finally:
         for thing in reversed(owned):
             thing.close()
@@ -320,7 +334,9 @@ def _plan_batch(run: _Run) -> _Batch:
 
 
 def _record(run: _Run, batch: _Batch, task: CandidateTask, outcome: EvaluationResult) -> None:
-    """Store one result (its own transaction; a failure gets the batch's penalty) and log it."""
+    """Store one result (its own transaction; a failure gets the batch's penalty, a success the cost term when
+    it is on) and log it."""
+    outcome = apply_cost_reward(outcome, run.cost_reward)
     if outcome.status == "failed":
         outcome = dataclasses.replace(outcome, reward=batch.penalty, error=outcome.error or "failed")
     record = CandidateRecord.of(task.key, task.genotype_json, task.actions, outcome, controller_step=batch.step)

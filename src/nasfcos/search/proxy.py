@@ -88,6 +88,7 @@ __all__ = [
     "ProxyConfig",
     "clear_resident",
     "decoder_cost",
+    "decoder_latency_ms",
     "evaluate_candidate",
 ]
 
@@ -135,6 +136,28 @@ def decoder_cost(genotype: Any, cache_manifest: FeatureCache | Mapping[str, Any]
     manifest = _manifest_of(cache_manifest)
     decoder = _build_decoder(genotype, manifest, width, fcos, concat, num_classes)
     return _cost(decoder, manifest["feature_shapes"])
+
+
+def decoder_latency_ms(genotype: Any, cache_manifest: FeatureCache | Mapping[str, Any] | str | os.PathLike[str],
+                       width: int, *, runs: int, fcos: str = "vanilla", concat: str = "grouped",
+                       device: str | torch.device = "cpu", threads: int | None = None) -> float:
+    """Median batch-1 forward time (ms) of the decoder alone on the cached feature sizes, on ``device`` with
+    ``threads`` CPU threads: how the cost-aware reward measures its ``target_arch`` the way the proxy measures
+    each candidate (``ProxyConfig.latency_runs``)."""
+    manifest = _manifest_of(cache_manifest)
+    decoder = _build_decoder(genotype, manifest, width, fcos, concat).to(resolve_device(device))
+    return _latency_ms(decoder, manifest["feature_shapes"], runs, threads)
+
+
+def _latency_ms(decoder: nn.Module, feature_shapes: Mapping[str, Sequence[int]], runs: int,
+                threads: int | None = None) -> float:
+    from nasfcos.nn.cost import eval_mode, time_forward_ms
+
+    device = next(decoder.parameters()).device
+    inputs = {level: torch.zeros(1, *(int(x) for x in feature_shapes[level]), device=device) for level in LEVELS}
+    with eval_mode(decoder, threads):
+        times = time_forward_ms(decoder, inputs, lambda model, x: model(x), warmup=2, repeats=runs)
+    return float(np.median(times))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,11 +250,13 @@ class _Progress:
     epochs_run: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     early_stop_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         """These, as :class:`EvaluationResult` fields (the history copied)."""
         return {"params": self.params, "gmacs": self.gmacs, "epochs_run": self.epochs_run,
-                "history": tuple(dict(entry) for entry in self.history), "early_stop_loss": self.early_stop_loss}
+                "history": tuple(dict(entry) for entry in self.history), "early_stop_loss": self.early_stop_loss,
+                "metrics": dict(self.metrics)}
 
 
 @contextmanager
@@ -264,6 +289,8 @@ def _train_and_score(genotype: Any, cache: FeatureCache, cfg: ProxyConfig, seed:
     progress.params, progress.gmacs = _cost(decoder, cache.feature_shapes)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     decoder.to(device)
+    if cfg.latency_runs:  # before training: the weights' values do not change the time, the layers do
+        progress.metrics["latency_ms"] = _latency_ms(decoder, cache.feature_shapes, cfg.latency_runs)
     if channels_last:
         decoder.to(memory_format=torch.channels_last)
     decoder.train()

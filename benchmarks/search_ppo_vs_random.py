@@ -235,7 +235,13 @@ def _settings_key(cfg: Any, evaluator: str | None) -> str:
     search = dict(data["search"])
     for key in ("seed", "strategy", "workers", "worker_threads", "executor", "tensorboard"):
         search.pop(key, None)  # the same study whatever machine runs it
-    payload = {"search": search, "proxy": data["proxy"], "evaluator": evaluator,
+    proxy = dict(data["proxy"])
+    # Options added later that change nothing while off: left out then, so earlier results keep their key.
+    if not (search.get("cost_reward") or {}).get("enabled"):
+        search.pop("cost_reward", None)
+    if not proxy.get("latency_runs"):
+        proxy.pop("latency_runs", None)
+    payload = {"search": search, "proxy": proxy, "evaluator": evaluator,
                "cache": None if cfg.cache is None else _common.display_path(cfg.cache)}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -6,12 +6,14 @@ re-evaluating."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 import pytest
 
 import test_search_loop
+from test_search_loop import small_cache  # noqa: F401 (fixture)
 from nasfcos.search.store import ResultStore
 
 from helpers import load_benchmark as _load
@@ -89,3 +91,27 @@ def test_verdict_words_follow_the_numbers() -> None:
     assert lines[1].startswith("PPO top-5 mean not above random") and "every PPO seed below" in lines[1]
     assert "ranges overlap" in lines[2]
     assert lines[3] == "rise from Q1 to Q4: PPO +1.000, random +0.500"
+
+
+def test_proxy_reward_noise_statistics_hand_computed() -> None:
+    module = _load("proxy_reward_noise")
+    # a: 1, 3 and b: 5, 7 -> grand mean 4, between-group mean square 2 x (4 + 4) / 1 = 16, within 4 / 2 = 2
+    assert module.intra_class_correlation({"a": [1.0, 3.0], "b": [5.0, 7.0]}) == pytest.approx(14 / 18)
+    assert math.isnan(module.intra_class_correlation({"a": [1.0, 1.0], "b": [1.0, 1.0]}))  # no variance at all
+    assert module.intra_class_correlation({"a": [0.0, 2.0], "b": [0.0, 2.0]}) == pytest.approx(-1.0)  # seed only
+    same_order = {"x": {0: -1.0, 1: -1.1}, "y": {0: -2.0, 1: -2.2}, "z": {0: -3.0, 1: -3.1}}
+    summary = module.summarise(same_order)
+    assert summary["seed_pair_kendall_tau"] == [pytest.approx(1.0)]
+    # seed stds 0.1 / sqrt 2, 0.2 / sqrt 2, 0.1 / sqrt 2 -> pooled sqrt((0.005 + 0.02 + 0.005) / 3) = 0.1
+    assert summary["pooled_seed_std"] == pytest.approx(0.1)
+    reversed_order = {"x": {0: -1.0, 1: -3.0}, "y": {0: -2.0, 1: -2.0}, "z": {0: -3.0, 1: -1.0}}
+    assert module.summarise(reversed_order)["seed_pair_kendall_tau"] == [pytest.approx(-1.0)]
+
+
+def test_proxy_reward_noise_quick_on_a_real_cache(tmp_path: Path, small_cache: Path) -> None:
+    module = _load("proxy_reward_noise")
+    record = module.main(["--quick", "--cache", str(small_cache), "--out-dir", str(tmp_path)])
+    assert not record["failures"]
+    assert set(record["rewards"]) == {"fpn-fcos", "nas-fcos", "random-01"}
+    assert all(len(by_seed) == 2 for by_seed in record["rewards"].values())
+    assert (tmp_path / "proxy_reward_noise.md").is_file()

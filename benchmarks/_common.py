@@ -193,15 +193,18 @@ class LoadSampler:
 _SAMPLERS: dict[int, LoadSampler] = {}
 
 
-def start_record(name: str, settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+def start_record(name: str, settings: Mapping[str, Any], threads: int | None = None, *,
+                 own_threads: int | None = None) -> dict[str, Any]:
     """The result dict of one run: benchmark name, settings, machine and the load average before measuring;
-    starts sampling the load until :func:`finish_record`."""
+    starts sampling the load until :func:`finish_record`. ``own_threads``: the runnable threads the benchmark
+    itself keeps busy when that is not its torch thread count (worker processes: workers x their threads), so
+    they are not counted as other jobs."""
     record = {
         "benchmark": name,
         "settings": dict(settings),
         "machine": machine_info(threads),
         "load": {"before": load_average(), "after": None, "during_mean": None, "during_max": None,
-                 "during_samples": 0, "loaded": None},
+                 "during_samples": 0, "loaded": None, "own_threads": own_threads},
         "notes": [],
     }
     _SAMPLERS[id(record)] = LoadSampler().start()
@@ -227,7 +230,7 @@ def finish_record(record: dict[str, Any], started: float | None = None) -> dict[
         load["during_max"] = round(max(samples), 2)
     load["during_samples"] = len(samples)
     cores = os.cpu_count() or 1
-    own = int(record.get("machine", {}).get("torch_threads") or 1)
+    own = int(record["load"].get("own_threads") or record.get("machine", {}).get("torch_threads") or 1)
     before = load["before"]
     if samples:  # what the run saw; the reading before still holds the tail of whatever ran until then
         others = statistics.fmean(samples) - own

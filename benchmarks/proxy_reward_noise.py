@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "genotypes": list(genotypes), "seeds": seeds, "workers": args.workers,
         "proxy": {k: getattr(cfg.proxy, k) for k in ("width", "epochs", "batch_size", "lr")},
         "keys": {name: g.key() for name, g in genotypes.items()},
-    }, threads)
+    }, threads, own_threads=args.workers)
     started = time.perf_counter()
     tasks, names = [], {}
     for index, ((name, genotype), seed) in enumerate(itertools.product(genotypes.items(), seeds)):

@@ -246,6 +246,14 @@ def _settings_key(cfg: Any, evaluator: str | None) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _busy_threads(search: Any) -> int:
+    """Threads the search keeps busy: its worker processes x their torch threads (inline: this process)."""
+    if search.executor == "inline":
+        return 1
+    workers = search.workers or 1
+    return workers * (search.worker_threads or 1)
+
+
 def _previous_runs(out_dir: Path) -> dict[str, Any]:
     path = out_dir / f"{NAME}.json"
     if not path.is_file():
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "evaluator": args.evaluator or "proxy task", "overrides": overrides, "settings_key": settings_key,
         "ppo": dataclasses.asdict(base_cfg.search.ppo),
         "proxy": {k: getattr(base_cfg.proxy, k) for k in ("width", "epochs", "batch_size", "lr", "early_stop")},
-    }, threads)
+    }, threads, own_threads=_busy_threads(base_cfg.search))
     started = time.perf_counter()
     runs = _previous_runs(out_dir)
     finished: dict[str, Any] | None = None
@@ -319,10 +327,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  python_path=args.python_path or None, progress=not args.quick)
             stats = run_stats(run_dir)
             key = f"{settings_key}/{strategy}/seed{seed}"
-            runs[key] = {"strategy": strategy, "seed": seed, "budget": budget, "settings_key": settings_key,
-                         "run_dir": _common.display_path(run_dir), "stop_reason": summary.stop_reason,
-                         "resumed": resume, "seconds_this_invocation": round(time.perf_counter() - t0, 1),
-                         "measured": record["machine"]["date"], "stats": stats}
+            previous = runs.get(key)
+            if previous is not None and previous["stats"] == stats:  # a finished run re-read: keep when it ran
+                runs[key] = {**previous, "reread": record["machine"]["date"]}
+            else:
+                runs[key] = {"strategy": strategy, "seed": seed, "budget": budget, "settings_key": settings_key,
+                             "run_dir": _common.display_path(run_dir), "stop_reason": summary.stop_reason,
+                             "resumed": resume, "seconds_this_invocation": round(time.perf_counter() - t0, 1),
+                             "measured": record["machine"]["date"], "stats": stats}
             print(f"{strategy} seed {seed}: {stats['evaluated']} evaluated, best {stats['best']}, "
                   f"Q1 {stats['q1']} -> Q4 {stats['q4']}", flush=True)
             # Results after every run: a study of hours killed at a session's limit keeps what it measured.
@@ -334,6 +346,9 @@ def _conclude(record: dict[str, Any], runs: dict[str, Any], settings_key: str, s
               out_dir: Path) -> dict[str, Any]:
     """Summarise ``runs`` into ``record`` and write the JSON / markdown (atomically, by ``_common``)."""
     record["runs"] = dict(runs)
+    if any(run.get("measured") != record["machine"]["date"] for run in runs.values()):
+        record["notes"].append("Some runs were measured by an earlier invocation (`measured` in the runs table); "
+                               "the machine line and load figures describe this invocation only.")
     record["summary"] = aggregate(runs, settings_key)
     record["verdict"] = verdict(record["summary"])
     return _common.conclude(record, started, markdown_of, out_dir,

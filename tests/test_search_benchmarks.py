@@ -58,11 +58,14 @@ def test_search_ppo_vs_random_toy_runs_resume_and_merge(tmp_path: Path) -> None:
               "--set", "search.executor=inline", "--set", "search.tensorboard=false", "--set", "search.batch_size=4",
               "--out", str(out), "--out-dir", str(results)]
     test_search_loop.CALLS.clear()
-    bench.main(common + ["--seeds", "0"])
+    first = bench.main(common + ["--seeds", "0"])
     assert len(test_search_loop.CALLS) == 16  # 8 distinct evaluations per strategy
     record = bench.main(common + ["--seeds", "0,1"])
     assert len(test_search_loop.CALLS) == 32  # seed 0 re-read, seed 1 evaluated
     data = json.loads((results / "search_ppo_vs_random.json").read_text())
+    for strategy in ("ppo", "random"):  # a re-read run keeps when it was measured
+        seed0 = next(r for r in data["runs"].values() if r["strategy"] == strategy and r["seed"] == 0)
+        assert seed0["measured"] == first["machine"]["date"] and "reread" in seed0
     assert len(data["runs"]) == 4 and record["summary"]["ppo"]["seeds"] == [0, 1]
     for run in data["runs"].values():
         folder = out / f"seed{run['seed']}" / bench.FOLDERS[run["strategy"]]

@@ -16,10 +16,14 @@ say how many there were. Per strategy, over the seeds: mean, standard deviation 
 
 Results are merged into ``benchmarks/results/search_ppo_vs_random.json`` / ``.md`` (``--out-dir``): each run is
 an entry keyed by strategy, seed, budget and settings, replaced when re-measured, kept otherwise, so seeds can
-be added run by run. The study in the README::
+be added run by run. The study in the README (the cache comes from a backbone trained for detection on the same
+data first, as the paper's does and as the demo's backbone stage: 230 steps at 128 px, ~2 min)::
 
     nasfcos data synth --out runs/data/synth
-    nasfcos cache --data runs/data/synth --format synthetic --backbone resnet18 --crop 128 --out runs/cache/synth-r18
+    nasfcos train --config configs/cpu-synth.yaml --data runs/data/synth --iters 230 --set 'data.min_size=[128]' \\
+        --set data.max_size=128 --set data.test_min_size=128 --out runs/backbone-r18
+    nasfcos cache --data runs/data/synth --format synthetic --backbone resnet18 \\
+        --detector-weights runs/backbone-r18/model_final.pt --crop 128 --out runs/cache/synth-r18
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/search_ppo_vs_random.py \\
         --cache runs/cache/synth-r18 --budget 200 --seeds 0,1 --out runs/ppo-vs-random
 

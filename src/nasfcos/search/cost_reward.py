@@ -90,8 +90,8 @@ def check_cost_reward(cfg: SearchRunConfig, using_proxy: bool) -> None:
 def resolve_cost_reward(cfg: SearchRunConfig, store: Any, using_proxy: bool) -> CostRewardConfig:
     """The run's cost-reward settings with a numeric target: the configured one, the one a resumed run fixed
     (``store`` meta :data:`TARGET_META_KEY`), or ``target_arch``'s cost measured now on the run's cache with the
-    proxy's width, device and threads, then kept in the store."""
-    check_cost_reward(cfg, using_proxy)
+    proxy's width, device and threads, then kept in the store. Call :func:`check_cost_reward` first (the loop
+    does, before the run folder exists)."""
     cost = cfg.search.cost_reward
     if not cost.enabled or cost.target is not None:
         return cost

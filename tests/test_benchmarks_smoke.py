@@ -153,20 +153,38 @@ def test_gpu_paper_settings_skips_without_cuda(tmp_path: Path, monkeypatch: pyte
 
 def test_cpu_preset_ap_quick_then_reused(tmp_path: Path) -> None:
     module = _load("cpu_preset_ap")
-    argv = ["--quick", "--threads", "1", "--archs", "fpn-fcos", "--data", str(tmp_path / "synth"),
+    argv = ["--quick", "--threads", "1", "--archs", "fpn-fcos", "--seeds", "0,1", "--data", str(tmp_path / "synth"),
             "--runs", str(tmp_path / "runs"), "--out-dir", str(tmp_path)]
     record = module.main(argv)
     data = _check_record(record, tmp_path, "cpu_preset_ap", threads=1)
-    (run,) = data["runs"]
-    assert run["arch"] == "fpn-fcos" and run["reused"] is False and run["iterations"] == 3
-    for key in ("AP", "AP50", "AP75"):
-        assert 0.0 <= run[key] <= 1.0 or run[key] == -1.0  # pycocotools: -1 where a size range has no GT
-    assert _positive(run["seconds_per_step"])
-    metrics = json.loads((tmp_path / "runs" / "fpn-fcos" / "metrics.json").read_text(encoding="utf-8"))
-    assert run["AP"] == pytest.approx(metrics["AP"])
-    again = module.main(argv)  # a finished run is reused, not retrained
-    assert again["runs"][0]["reused"] is True and again["runs"][0]["AP"] == pytest.approx(run["AP"])
-    assert "| fpn-fcos |" in (tmp_path / "cpu_preset_ap.md").read_text(encoding="utf-8")
+    assert sorted(data["runs"]) == ["fpn-fcos/seed0", "fpn-fcos/seed1"]
+    for seed in (0, 1):
+        run = data["runs"][f"fpn-fcos/seed{seed}"]
+        assert run["arch"] == "fpn-fcos" and run["seed"] == seed and run["reused"] is False
+        assert run["iterations"] == 3
+        for key in ("AP", "AP50", "AP75"):
+            assert 0.0 <= run[key] <= 1.0 or run[key] == -1.0  # pycocotools: -1 where a size range has no GT
+        assert _positive(run["seconds_per_step"])
+        metrics = json.loads((tmp_path / "runs" / "fpn-fcos" / f"seed{seed}" / "metrics.json").read_text("utf-8"))
+        assert run["AP"] == pytest.approx(metrics["AP"])
+        config = (tmp_path / "runs" / "fpn-fcos" / f"seed{seed}" / "config.yaml").read_text("utf-8")
+        assert f"seed: {seed}" in config
+    (row,) = data["summary"]
+    aps = [data["runs"][f"fpn-fcos/seed{s}"]["AP"] for s in (0, 1)]
+    assert row["seeds"] == [0, 1] and row["AP"]["values"] == pytest.approx(aps)
+    assert row["AP"]["mean"] == pytest.approx(sum(aps) / 2)
+    assert row["AP"]["std"] == pytest.approx(abs(aps[0] - aps[1]) / 2 ** 0.5)  # sample std of two values
+    again = module.main(argv)  # a finished run is reused, not retrained, and keeps its measurement date
+    assert again["runs"]["fpn-fcos/seed0"]["reused"] is True
+    assert again["runs"]["fpn-fcos/seed0"]["measured"] == data["runs"]["fpn-fcos/seed0"]["measured"]
+    # A run measured earlier whose folder is gone (another machine) is kept from the JSON, not retrained.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "fpn-fcos" / "seed1")
+    kept = module.main(argv)
+    assert kept["runs"]["fpn-fcos/seed1"]["AP"] == pytest.approx(aps[1])
+    assert not (tmp_path / "runs" / "fpn-fcos" / "seed1").exists()
+    assert "| fpn-fcos | 2 |" in (tmp_path / "cpu_preset_ap.md").read_text(encoding="utf-8")
 
 
 def test_cpu_preset_seconds_per_step_from_log(tmp_path: Path) -> None:

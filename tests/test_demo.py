@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nasfcos.demo import STAGES, format_table, run_demo
+from nasfcos.demo import STAGES, format_table, format_verdict, run_demo
 from nasfcos.errors import UserError
 
 
@@ -31,6 +31,18 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert baseline["kind"] == "baseline" and baseline["search_reward"] < 0
     assert stages["search"]["baseline_reward"] == baseline["search_reward"]
     assert "best reward" in messages[[m.startswith("[4/") for m in messages].index(True) + 1]
+    # fpn-fcos trained again with seed 1: the seed noise the best searched AP is judged against.
+    noise_runs = stages["train"]["baseline_seeds"]
+    assert [r["seed"] for r in noise_runs] == [0, 1]
+    assert noise_runs[0]["AP"] == baseline["AP"]
+    assert (out / noise_runs[1]["run"] / "model_final.pt").is_file()
+    verdict = summary["verdict"]
+    assert verdict["model"] == "searched-1" and verdict["AP"] == summary["models"][0]["AP"]
+    assert summary["baseline_noise"]["aps"] == [r["AP"] for r in noise_runs]
+    assert verdict["outcome"] in {"better", "worse", "within-noise", "no-spread"}
+    assert verdict["sentence"] in format_verdict(summary) and verdict["sentence"] in report
+    assert "Searched vs baseline, with the seed noise" in report
+    assert any(verdict["sentence"] in m for m in messages)
 
     again: list[str] = []
     run_demo(out, seed=0, scale="smoke", threads=1, say=again.append)

@@ -8,14 +8,16 @@ Stages (each resumable: a finished stage is recorded in ``stages.json`` and skip
 3. ``cache``    run that frozen backbone once over meta-train/meta-val crops and cache C2..C5 + FCOS targets;
 4. ``search``   PPO over the NAS-FCOS space on the proxy task (decoders trained on cached features);
 5. ``train``    fully train the top searched decoders and the ``fpn-fcos`` baseline with the same budget on the
-                fine-tuned backbone, evaluate each (COCO AP on the validation split);
+                fine-tuned backbone, evaluate each (COCO AP on the validation split); train ``fpn-fcos`` with
+                more seeds and judge the best searched AP against that seed noise
+                (:mod:`nasfcos.analysis.seed_noise`);
 6. ``profile``  params, GMACs and CPU latency of every trained model;
 7. ``report``   ``report.md`` with figures, and ``summary.json``.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +27,7 @@ from typing import Any
 from nasfcos.errors import UserError
 from nasfcos.io import atomic_torch_save, atomic_write_json, read_json
 
-__all__ = ["DemoScale", "SCALES", "run_demo", "STAGES"]
+__all__ = ["DemoScale", "SCALES", "STAGES", "format_table", "format_verdict", "run_demo"]
 
 STAGES = ("data", "backbone", "cache", "search", "train", "profile", "report")
 
@@ -49,6 +51,9 @@ class DemoScale:
     full_iters: int
     fpn_width: int
     latency_repeats: int
+    #: ``fpn-fcos`` is fully trained with this many seeds (``seed``, ``seed+1``, ...): its seed-to-seed AP spread
+    #: at the full-training budget is the noise the searched decoders' APs are judged against.
+    baseline_seeds: int
 
 
 SCALES: dict[str, DemoScale] = {
@@ -56,7 +61,7 @@ SCALES: dict[str, DemoScale] = {
     "smoke": DemoScale(
         image_size=64, num_train=24, num_val=8, backbone_iters=4, batch_size=4, cache_crop=64,
         budget=4, search_batch=2, proxy_width=8, proxy_epochs=1, proxy_batch=8, top_k=1, full_iters=2,
-        fpn_width=16, latency_repeats=1,
+        fpn_width=16, latency_repeats=1, baseline_seeds=2,
     ),
     # Measured on the quiet 2-core machine: 160 px, 300 backbone steps, 24 candidates: 988 s (backbone 321,
     # search 240, train 409); 128 px: 854 s (243, 259, 335); 250 / 130 steps: 838 s (229, 255, 334 — the
@@ -64,12 +69,12 @@ SCALES: dict[str, DemoScale] = {
     "tiny": DemoScale(
         image_size=128, num_train=320, num_val=64, backbone_iters=230, batch_size=8, cache_crop=128,
         budget=24, search_batch=6, proxy_width=16, proxy_epochs=3, proxy_batch=32, top_k=2, full_iters=110,
-        fpn_width=64, latency_repeats=5,
+        fpn_width=64, latency_repeats=5, baseline_seeds=3,
     ),
     "small": DemoScale(
         image_size=256, num_train=640, num_val=128, backbone_iters=800, batch_size=8, cache_crop=192,
         budget=48, search_batch=8, proxy_width=48, proxy_epochs=6, proxy_batch=32, top_k=3, full_iters=500,
-        fpn_width=64, latency_repeats=10,
+        fpn_width=64, latency_repeats=10, baseline_seeds=3,
     ),
 }
 
@@ -306,7 +311,20 @@ def run_demo(
             entry["metrics"] = _train_model(cfg, run_dir)
             entry["weights"] = str((run_dir / "model_final.pt").relative_to(out))
             say(f"      val AP {entry['metrics'].get('AP', 0):.3f}")
-        log.finish("train", time.perf_counter() - t0, models=entries)
+        # The baseline again with other seeds: the noise of one training at this budget (not profiled: same arch).
+        noise_runs = [{"seed": seed, "AP": entries[-1]["metrics"].get("AP"), "run": "models/fpn-fcos"}]
+        for extra in range(1, sizes.baseline_seeds):
+            run_dir = models_dir / f"fpn-fcos-seed{seed + extra}"
+            say(f"    training fpn-fcos with seed {seed + extra} ({sizes.full_iters} iterations: the seed noise)")
+            cfg = _train_config(out, data_dir, sizes, seed + extra, threads, arch="fpn-fcos",
+                                iters=sizes.full_iters, pretrained=backbone_file, decoder_only=True)
+            metrics = _train_model(cfg, run_dir)
+            noise_runs.append({"seed": seed + extra, "AP": metrics.get("AP"), "run": str(run_dir.relative_to(out))})
+            say(f"      val AP {metrics.get('AP', 0):.3f}")
+        log.finish("train", time.perf_counter() - t0, models=entries, baseline_seeds=noise_runs)
+        verdict = _verdict([{**e, "AP": e["metrics"].get("AP")} for e in entries], noise_runs)
+        if verdict is not None:
+            say(f"    {verdict.sentence}")
 
     # 6. profile ----------------------------------------------------------------------------------------
     if stage("profile"):
@@ -337,6 +355,18 @@ def run_demo(
     return summary
 
 
+def _verdict(models: list[dict[str, Any]], noise_runs: list[dict[str, Any]] | None) -> Any:
+    """The best searched model's AP judged against ``fpn-fcos``'s seed spread (None: nothing to judge)."""
+    from nasfcos.analysis.seed_noise import baseline_noise, judge
+
+    runs = [(r["seed"], r["AP"]) for r in noise_runs or [] if isinstance(r.get("AP"), (int, float))]
+    searched = [m for m in models if m.get("kind") == "searched" and isinstance(m.get("AP"), (int, float))]
+    if not runs or not searched:
+        return None
+    best = max(searched, key=lambda m: m["AP"])
+    return judge(best["name"], best["AP"], baseline_noise("fpn-fcos", runs))
+
+
 def _write_summary(out: Path, log: StageLog, sizes: DemoScale, started: float) -> dict[str, Any]:
     """``summary.json`` in the schema the report reads."""
     import torch
@@ -353,8 +383,16 @@ def _write_summary(out: Path, log: StageLog, sizes: DemoScale, started: float) -
             "params_m": prof.get("params_m"), "gmacs": prof.get("gmacs"), "latency_ms": prof.get("latency_ms"),
             "weights": entry.get("weights"), "search_reward": entry.get("search_reward"),
         })
+    noise_runs = (log.done("train") or {}).get("baseline_seeds")
+    verdict = _verdict(models, noise_runs)
+    if verdict is not None:
+        for model in models:
+            sigmas = verdict.baseline.in_sigmas(model["AP"]) if isinstance(model.get("AP"), (int, float)) else None
+            model["ap_vs_baseline_sigma"] = sigmas if sigmas is not None and math.isfinite(sigmas) else None
     summary = {
         "models": models,
+        "baseline_noise": None if verdict is None else verdict.baseline.to_dict(),
+        "verdict": None if verdict is None else verdict.to_dict(),
         "data": {"val_json": "data/synth/annotations/val.json", "val_images": "data/synth/images/val"},
         "device": f"cpu ({torch.get_num_threads()} threads)",
         "timings": {name: stage["seconds"] for name, stage in log.data["stages"].items()},
@@ -365,8 +403,10 @@ def _write_summary(out: Path, log: StageLog, sizes: DemoScale, started: float) -
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The demo's closing table: per model AP, AP50, params, GMACs, CPU latency."""
-    lines = ["| model | kind | AP | AP50 | params (M) | GMACs | CPU latency (ms) |", "|---|---|---|---|---|---|---|"]
+    """The demo's closing table: per model AP, AP50, its distance from ``fpn-fcos``'s seed mean in seed standard
+    deviations, params, GMACs, CPU latency."""
+    lines = ["| model | kind | AP | AP50 | AP vs fpn-fcos seeds (std) | params (M) | GMACs | CPU latency (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -374,6 +414,18 @@ def format_table(summary: dict[str, Any]) -> str:
     for m in summary["models"]:
         lines.append(
             f"| {m['name']} | {m['kind']} | {fmt(m['AP'], '.3f')} | {fmt(m['AP50'], '.3f')} | "
+            f"{fmt(m.get('ap_vs_baseline_sigma'), '+.1f')} | "
             f"{fmt(m['params_m'], '.2f')} | {fmt(m['gmacs'], '.4g')} | {fmt(m['latency_ms'], '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def format_verdict(summary: dict[str, Any]) -> str:
+    """The seed noise of ``fpn-fcos`` at the full-training budget and the one-sentence verdict on the best
+    searched decoder ("" when the run has none)."""
+    noise, verdict = summary.get("baseline_noise"), summary.get("verdict")
+    if not noise or not verdict:
+        return ""
+    aps = ", ".join(f"{ap:.3f}" for ap in noise["aps"])
+    seeds = ", ".join(str(s) for s in noise["seeds"])
+    return f"Seed noise: fpn-fcos AP {aps} (seeds {seeds}).\nVerdict: {verdict['sentence']}"

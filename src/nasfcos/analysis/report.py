@@ -337,6 +337,28 @@ def _models_section(rep: _Report, models: list[dict[str, Any]], notes: list[str]
         "proxy-task reward of a searched architecture (for a baseline, where given: the same proxy task run on "
         "its decoder, the reference the searched ones must beat).",
     )
+    _noise_paragraph(rep, (rep.run.summary or {}).get("verdict"))
+
+
+def _noise_paragraph(rep: _Report, verdict: Any) -> None:
+    """The demo's verdict: the best searched AP against ``fpn-fcos``'s seed spread at the same budget."""
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("baseline"), dict):
+        return
+    noise = verdict["baseline"]
+    aps = noise.get("aps") or []
+    rows = [[f"seed {seed}", _fmt_ap(ap, 100.0)] for seed, ap in zip(noise.get("seeds") or [], aps)]
+    rep.add(
+        "### Searched vs baseline, with the seed noise",
+        _table([f"{noise.get('name', 'baseline')} run", "AP"], rows),
+        f"**{verdict.get('sentence', '')}** The noise margin is {_verdict_margin_rule()}.",
+    )
+
+
+def _verdict_margin_rule() -> str:
+    from nasfcos.analysis.seed_noise import NOISE_MULTIPLIER
+
+    return (f"{NOISE_MULTIPLIER:g} x the baseline's seed std x sqrt(1 + 1/n): the standard deviation of one more "
+            "run minus the mean of n, assuming the searched decoder's seed noise is like the baseline's")
 
 
 def _reward_stats(rep: _Report, search: SearchData, budget: Any, strategy: Any) -> None:

@@ -23,10 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nasfcos.demo import format_table, run_demo
+    from nasfcos.demo import format_table, format_verdict, run_demo
 
     summary = run_demo(args.out, seed=args.seed, scale=args.scale, threads=args.threads)
     print()
     print(format_table(summary))
+    verdict = format_verdict(summary)
+    if verdict:
+        print(f"\n{verdict}")
     print(f"\nreport: {Path(args.out) / 'report.md'}  (total {summary['total_seconds']:.0f} s)")
     return 0

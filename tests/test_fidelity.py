@@ -22,6 +22,7 @@ from nasfcos.analysis.fidelity import (
     study_decoders,
 )
 from nasfcos.analysis.fidelity_config import load_fidelity_config
+from nasfcos.analysis.fidelity_report import render_report
 from nasfcos.cli import main
 from nasfcos.errors import UserError
 
@@ -141,7 +142,12 @@ def test_study_end_to_end_with_known_answers(tmp_path: Path) -> None:
         assert spread["per_decoder"][name]["std"] == pytest.approx(SEED_STEP)
         assert spread["per_decoder"][name]["mean"] == pytest.approx(reference_ap(name, 1))
     assert spread["pooled_std"] == pytest.approx(SEED_STEP)
+    assert spread["ratio"] > 50 and spread["separates"] is True  # APs 0.05-0.35 apart, seeds 0.001 apart
     report = (tmp_path / "run" / "report.md").read_text()
+    assert "does not separate decoders" not in report
+    # The same tables from a reference whose decoders differ by no more than its seed noise carry the caveat.
+    noisy = {**data, "seed_spread": {**spread, "ratio": 1.2, "separates": False}}
+    assert "does not separate decoders clearly (across-decoder std / seed std 1.2 < 2)" in render_report(noisy, None)
     assert "| exact | loss (search) |" in report and "Pooled seed-to-seed std: 0.10 AP points" in report
     assert "fewer than the 12" in report
     assert (tmp_path / "run" / "figures" / "fidelity_scatter.png").stat().st_size > 1000

@@ -28,7 +28,7 @@ from typing import Any
 
 from nasfcos.analysis.rank_stats import bootstrap_interval, kendall_tau, seed_spread, spearman_rho, top_k_overlap
 
-__all__ = ["FIGURE", "REPORT", "SUMMARY", "cheapest_within_best", "is_fidelity_run", "plot_fidelity", "summarise",
+__all__ = ["FIGURE", "REPORT", "SEPARATION_RATIO", "SUMMARY", "cheapest_within_best", "is_fidelity_run", "plot_fidelity", "summarise",
            "write_fidelity_report"]
 
 SUMMARY = "fidelity.json"
@@ -67,6 +67,12 @@ def _proxy_score(result: Mapping[str, Any], kind: str) -> float | None:
     if any(p is None for p in parts):
         return _finite(result.get("reward"))  # an evaluator that reports only its reward
     return -float(sum(parts))  # type: ignore[arg-type]
+
+
+#: The reference separates decoders "clearly" when the std of one AP per decoder is at least this multiple of the
+#: pooled seed std. Each reference AP carries one run's noise, so across_std**2 = true spread**2 + noise**2: at 1
+#: the decoders do not differ at all, at 2 their true spread is about 1.7x the noise of one number.
+SEPARATION_RATIO = 2.0
 
 
 def cheapest_within_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -150,6 +156,7 @@ def summarise(cfg: Any, decoders: Sequence[Any], units: Sequence[Any], records: 
                 "seconds_total": sum(seconds), "failed": setting_failed,
             })
     best = cheapest_within_best(rows)
+    separates = math.isfinite(spread.ratio) and spread.ratio >= SEPARATION_RATIO
     return {
         "decoders": [{"name": d.name, "kind": d.kind, "key": d.key} for d in decoders],
         "reference": reference,
@@ -163,6 +170,7 @@ def summarise(cfg: Any, decoders: Sequence[Any], units: Sequence[Any], records: 
             "values": per_seed,
             "pooled_std": spread.pooled_std, "across_std": spread.across_std, "across_range": spread.across_range,
             "ratio": spread.ratio,
+            "separates": separates, "separation_ratio": SEPARATION_RATIO,
         },
         "proxies": rows,
         "proxy_scores": proxy_scores,
@@ -299,6 +307,11 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
         if not (_finite(best["tau"]["low"]) or 0.0) > 0:
             lines.append(f"*The best tau's interval ({_interval(best['tau'])}) includes 0: no setting is shown to "
                          "rank better than chance, so this choice is by cost alone.*")
+        if not summary["seed_spread"].get("separates", True):
+            lines.append(f"*The reference does not separate decoders clearly (across-decoder std / seed std "
+                         f"{_num(summary['seed_spread']['ratio'], '.1f')} < {SEPARATION_RATIO:g}): its ranking is "
+                         "partly seed noise, which caps every tau; choose a preset from this table only with that "
+                         "caveat, or raise reference.iters (or train the reference with several seeds).*")
     lines.append("")
     if figure:
         lines += [f"![proxy score against reference AP]({figure})", ""]

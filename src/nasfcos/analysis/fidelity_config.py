@@ -174,8 +174,8 @@ class ProxySetting:
 
 
 def _default_proxies() -> tuple[ProxySetting, ...]:
-    """The settings of ``configs/fidelity-cpu.yaml``: the demo's proxy, ``configs/proxy-cpu.yaml``'s, more epochs,
-    half the cached images."""
+    """The settings of ``configs/fidelity-cpu.yaml``: the demo's proxy before the study, the earlier
+    ``configs/proxy-cpu.yaml``'s, more epochs, half the cached images (the study's choice for the CPU presets)."""
     cpu = dict(batch_size=32, lr=8e-4, device="cpu", threads=1, early_stop=False, compute_ap=True)
     return (
         ProxySetting(name="demo-w16-e3", proxy=ProxyConfig(width=16, epochs=3, **cpu)),

@@ -220,7 +220,8 @@ def plot_fidelity(summary: Mapping[str, Any], out_png: str | Path) -> Path | Non
             ax.annotate(_label(n), (100 * reference[n], scores[n]), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         tau, rho = row["tau"]["value"], row["rho"]["value"]
-        ax.set_title(f"{row['setting']} ({row['reward']}): tau {tau:.2f}, rho {rho:.2f}", fontsize=9)
+        ax.set_title(f"{row['setting']} ({row['reward']}): tau {_num(tau, '.2f')}, rho {_num(rho, '.2f')}",
+                     fontsize=9)  # n/a: a constant score (e.g. AP 0 everywhere) has no ranking
         ax.set_xlabel("reference AP (%)" + ("; bars: range over seeds" if spread else ""), fontsize=8)
         ax.set_ylabel("proxy: -meta-val loss" if row["reward"] == "loss" else "proxy: meta-val AP", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -199,7 +199,9 @@ def _previous_runs(out_dir: Path, key: str) -> dict[str, Any]:
 def _conclude(record: dict[str, Any], runs: dict[str, Any], archs: list[str], started: float,
               out_dir: Path) -> dict[str, Any]:
     record["runs"] = dict(runs)
-    record["summary"] = spread_by_arch(runs, archs)
+    # Every architecture measured with these settings, the requested ones first: a run of one architecture's
+    # further seeds still shows the others it keeps from the JSON.
+    record["summary"] = spread_by_arch(runs, [*archs, *sorted({r["arch"] for r in runs.values()} - set(archs))])
     if any(run.get("measured") != record["machine"]["date"] for run in runs.values()):
         record["notes"].append("Some runs were measured by an earlier invocation (`measured` per run); the machine "
                                "line and load figures describe this invocation only.")

@@ -68,11 +68,12 @@ SCALES: dict[str, DemoScale] = {
     ),
     # Measured on the quiet 2-core machine: 160 px, 300 backbone steps, 24 candidates: 988 s (backbone 321,
     # search 240, train 409); 128 px: 854 s (243, 259, 335); 250 / 130 steps: 838 s (229, 255, 334 — the
-    # searched decoders' cost depends on what the search finds); 230 / 110 steps: 768 s (183, 262, 304).
+    # searched decoders' cost depends on what the search finds); 230 / 110 steps: 768 s (183, 262, 304). With the
+    # fidelity study's proxy (160 cached crops) and fpn-fcos trained with 3 seeds: 462 s (103, 89, 259).
     "tiny": DemoScale(
         image_size=128, num_train=320, num_val=64, backbone_iters=230, batch_size=8, cache_crop=128,
-        cache_images=160, budget=24, search_batch=6, proxy_width=16, proxy_epochs=3, proxy_batch=32, top_k=2, full_iters=110,
-        fpn_width=64, latency_repeats=5, baseline_seeds=3,
+        cache_images=160, budget=24, search_batch=6, proxy_width=16, proxy_epochs=3, proxy_batch=32, top_k=2,
+        full_iters=110, fpn_width=64, latency_repeats=5, baseline_seeds=3,
     ),
     "small": DemoScale(
         image_size=256, num_train=640, num_val=128, backbone_iters=800, batch_size=8, cache_crop=192,

@@ -349,7 +349,7 @@ def _noise_paragraph(rep: _Report, verdict: Any) -> None:
     rows = [[f"seed {seed}", _fmt_ap(ap, 100.0)] for seed, ap in zip(noise.get("seeds") or [], aps)]
     rep.add(
         "### Searched vs baseline, with the seed noise",
-        _table([f"{noise.get('name', 'baseline')} run", "AP"], rows),
+        _table([f"{noise.get('name', 'baseline')} run", "AP (%)"], rows),
         f"**{verdict.get('sentence', '')}** The noise margin is {_verdict_margin_rule()}.",
     )
 

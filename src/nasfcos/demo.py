@@ -77,8 +77,8 @@ SCALES: dict[str, DemoScale] = {
     ),
     "small": DemoScale(
         image_size=256, num_train=640, num_val=128, backbone_iters=800, batch_size=8, cache_crop=192,
-        cache_images=None, budget=48, search_batch=8, proxy_width=48, proxy_epochs=6, proxy_batch=32, top_k=3, full_iters=500,
-        fpn_width=64, latency_repeats=10, baseline_seeds=3,
+        cache_images=None, budget=48, search_batch=8, proxy_width=48, proxy_epochs=6, proxy_batch=32, top_k=3,
+        full_iters=500, fpn_width=64, latency_repeats=10, baseline_seeds=3,
     ),
 }
 

@@ -226,7 +226,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
 
     reference_rows = []
     for decoder in sample:
-        unit = Unit("reference", decoder, cfg.reference.seed, f"estimate{decoder.key[:10]}")
+        unit = Unit("reference", decoder, cfg.reference.seeds[0], f"estimate{decoder.key[:10]}")
         _, wall, cpu = _timed(lambda u=unit: scorers.reference(u, scorers.ctx))
         step = seconds_per_step(unit.work_dir(scratch) / "log.jsonl") or wall / iters
         overhead = max(0.0, wall - step * iters)

@@ -180,6 +180,33 @@ def test_interrupted_study_runs_exactly_the_remaining_units(tmp_path: Path) -> N
     assert resumed["proxies"] == straight["proxies"] and resumed["seed_spread"] == straight["seed_spread"]
 
 
+def test_more_reference_seeds_add_only_their_units_and_average(tmp_path: Path) -> None:
+    """Going from one reference seed to three keeps every finished unit and trains only the new seeds; the
+    reference is then the mean over the seeds and its noise the pooled seed std / sqrt(3)."""
+    import math
+
+    run_dir = tmp_path / "run"
+    one = _config(tmp_path)
+    run_fidelity(run_dir, one, scorers=FakeScorers(), say=lambda _: None)
+    three = _config(tmp_path, overrides=["reference.seeds=[0,1,2]"])
+    more = FakeScorers()
+    run_fidelity(run_dir, three, scorers=more, say=lambda _: None)
+    names = three.decoder_names()
+    spread_decoders = {"fpn-fcos", "random-02"}  # trained with seeds 0-2 already by the seed-spread stage
+    assert sorted(more.calls) == sorted(f"reference/{n}/seed-{s}" for s in (1, 2) for n in names
+                                        if n not in spread_decoders)
+    data = json.loads((run_dir / "fidelity.json").read_text())
+    for name in names:  # AP = base + SEED_STEP * seed: the mean over seeds 0-2 is the seed-1 value
+        assert data["reference"][name] == pytest.approx(reference_ap(name, 1))
+    spread = data["seed_spread"]
+    assert set(spread["per_decoder"]) == set(names) and spread["pooled_std"] == pytest.approx(SEED_STEP)
+    assert spread["reference_std"] == pytest.approx(SEED_STEP / math.sqrt(3))
+    assert spread["ratio"] == pytest.approx(spread["across_std"] / spread["reference_std"])
+    assert "mean over seeds 0, 1, 2" in (run_dir / "report.md").read_text()
+    with pytest.raises(UserError, match="reference.seeds"):
+        _config(tmp_path, overrides=["reference.seeds=[1,1]"])
+
+
 def test_max_units_stages_and_changed_settings(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     run_dir = tmp_path / "run"

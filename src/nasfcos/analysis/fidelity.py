@@ -206,13 +206,13 @@ def _proxy_identity(setting: ProxySetting) -> dict[str, Any]:
 def _reference_identity(cfg: FidelityConfig) -> dict[str, Any]:
     reference = config_to_dict(cfg.reference)
     reference.pop("checkpoint_period")
-    reference.pop("seed")
+    reference.pop("seeds")  # each unit carries its own seed: adding seeds keeps the finished units
     return reference
 
 
 def plan_units(cfg: FidelityConfig, decoders: Sequence[StudyDecoder], backbone_id: Mapping[str, Any]) -> list[Unit]:
     """Every unit of the study in run order (seed-spread, proxy, reference); a unit appears once, in the first
-    stage that needs it (the seed-spread run of ``reference.seed`` is also that decoder's reference)."""
+    stage that needs it (a seed-spread run with a seed of ``reference.seeds`` is also that decoder's reference)."""
     by_name = {d.name: d for d in decoders}
     data = config_to_dict(cfg.data)
     reference = _reference_identity(cfg)
@@ -240,8 +240,9 @@ def plan_units(cfg: FidelityConfig, decoders: Sequence[StudyDecoder], backbone_i
             fp = _digest({"kind": "proxy", "data": data, "backbone": backbone_id, **identity,
                           "genotype": decoder.key, "seed": seed})
             add(Unit("proxy", decoder, seed, fp, setting))
-    for decoder in decoders:
-        add(reference_unit("reference", decoder, cfg.reference.seed))
+    for seed in cfg.reference.seeds:  # seed-major: a study cut short has every decoder at its first seeds
+        for decoder in decoders:
+            add(reference_unit("reference", decoder, seed))
     return units
 
 

@@ -8,8 +8,9 @@ A study has four parts, each a section of the file (``configs/fidelity-cpu.yaml`
   plus the named ``presets``, all built at the same width (``reference.width`` for full training, each proxy's
   ``width`` for the proxy);
 - ``reference`` / ``seed_spread``: full training of every decoder (whole detector on the search backbone, COCO AP
-  on the validation split) with one fixed budget and ``reference.seed``; ``seed_spread.decoders`` are trained
-  again with every seed of ``seed_spread.seeds`` to measure the seed-to-seed noise at that budget;
+  on the validation split) with one fixed budget and every seed of ``reference.seeds`` (the reference AP is the
+  mean over them: k seeds cut its noise by sqrt(k)); ``seed_spread.decoders`` are trained again with every seed of
+  ``seed_spread.seeds`` to measure the seed-to-seed noise at that budget;
 - ``proxies``: a list of named proxy settings, each a feature cache (``cache.crop``, ``cache.images``) and a
   :class:`~nasfcos.search.config.ProxyConfig`. ``proxy_defaults`` holds the ProxyConfig keys every setting shares;
   a setting's own ``proxy`` keys win. Early stopping is always off in a study (every decoder is scored fully).
@@ -108,7 +109,8 @@ class ReferenceSettings:
     """Full training of one decoder (:func:`nasfcos.train.trainer.train`): the detector of ``backbone.name`` with
     the search backbone's weights, the decoder at ``width`` (FPN and head), ``iters`` SGD steps (warm-up
     ``iters // 5`` capped at 50, steps at 75 % and 90 %), stages below ``freeze_at`` frozen (5: the backbone is
-    frozen, only the decoder trains, as in the demo's final training; 0: everything trains)."""
+    frozen, only the decoder trains, as in the demo's final training; 0: everything trains). Every decoder is
+    trained once per seed of ``seeds``; its reference AP is the mean over them."""
 
     width: int = 64
     iters: int = 400
@@ -116,7 +118,7 @@ class ReferenceSettings:
     base_lr: float = 0.01
     freeze_at: int = 5
     grad_clip_norm: Optional[float] = 35.0
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     checkpoint_period: int = 100  # resume granularity of an interrupted training (not part of the result)
 
     def __post_init__(self) -> None:
@@ -126,6 +128,8 @@ class ReferenceSettings:
         _require(self.base_lr > 0, "base_lr", self.base_lr, "> 0")
         _require(0 <= self.freeze_at <= 5, "freeze_at", self.freeze_at, "0..5")
         _require(self.checkpoint_period >= 1, "checkpoint_period", self.checkpoint_period, ">= 1")
+        _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", list(self.seeds),
+                 "one or more distinct seeds")
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,12 @@
 
 :func:`summarise` turns the finished units into the study's tables (``fidelity.json``):
 
-- ``reference``: each decoder's COCO AP after full training with ``reference.seed``;
-- ``seed_spread``: per seed-spread decoder the mean, sample std and range of AP over ``seed_spread.seeds``, the
-  pooled seed std (the noise of one reference number), the std and range across decoders, and their ratio;
+- ``reference``: each decoder's COCO AP after full training, the mean over ``reference.seeds`` (only decoders
+  with every one of those seeds finished are ranked);
+- ``seed_spread``: per decoder trained with two or more seeds (``seed_spread.decoders`` over
+  ``seed_spread.seeds``, and every decoder when ``reference.seeds`` has several) the mean, sample std and range
+  of AP, the pooled seed std (the noise of one training), the noise of one reference number (pooled / sqrt(k)
+  for a mean of k seeds), the std and range across decoders, and their ratio;
 - ``proxies``: one row per proxy setting and reward kind — ``loss`` (minus the meta-val loss sum, the paper's
   reward) and, when the setting computed it (``reward: ap`` or ``compute_ap: true``), ``ap`` (meta-val AP) — with
   Kendall tau and Spearman rho against the reference AP (paired bootstrap intervals), the top-k overlap and the
@@ -103,11 +106,20 @@ def summarise(cfg: Any, decoders: Sequence[Any], units: Sequence[Any], records: 
         record = done.get(f"reference/{name}/seed-{seed}")
         return None if record is None else _finite(record["result"].get("AP"))
 
-    reference = {d.name: reference_ap(d.name, cfg.reference.seed) for d in decoders}
+    def mean_reference(name: str) -> float | None:
+        aps = [reference_ap(name, seed) for seed in cfg.reference.seeds]
+        return None if any(ap is None for ap in aps) else statistics.fmean(aps)  # type: ignore[arg-type]
+
+    reference = {d.name: mean_reference(d.name) for d in decoders}
     ranked_ref = {name: ap for name, ap in reference.items() if ap is not None}
-    per_seed = {name: [ap for ap in (reference_ap(name, s) for s in cfg.seed_spread.seeds) if ap is not None]
-                for name in cfg.seed_spread.decoders}
-    spread = seed_spread(per_seed, list(ranked_ref.values()))
+    per_seed: dict[str, list[float]] = {}
+    for decoder in decoders:
+        seeds = list(dict.fromkeys([*(cfg.seed_spread.seeds if decoder.name in cfg.seed_spread.decoders else ()),
+                                    *cfg.reference.seeds]))
+        aps = [ap for ap in (reference_ap(decoder.name, s) for s in seeds) if ap is not None]
+        if decoder.name in cfg.seed_spread.decoders or len(aps) >= 2:
+            per_seed[decoder.name] = aps
+    spread = seed_spread(per_seed, list(ranked_ref.values()), runs_per_score=len(cfg.reference.seeds))
     seconds_by_stage: dict[str, float] = {}
     for uid, record in records.items():
         if uid in by_id and record.get("fingerprint") == by_id[uid].fingerprint:
@@ -162,13 +174,14 @@ def summarise(cfg: Any, decoders: Sequence[Any], units: Sequence[Any], records: 
         "reference": reference,
         "reference_settings": {"iters": cfg.reference.iters, "width": cfg.reference.width,
                                "batch_size": cfg.reference.batch_size, "freeze_at": cfg.reference.freeze_at,
-                               "seed": cfg.reference.seed, "image_size": cfg.data.image_size},
+                               "seeds": list(cfg.reference.seeds), "image_size": cfg.data.image_size},
         "seed_spread": {
             "seeds": list(cfg.seed_spread.seeds),
             "per_decoder": {name: dict(zip(("mean", "std", "min", "max", "n"), values))
                             for name, values in spread.per_model.items()},
             "values": per_seed,
-            "pooled_std": spread.pooled_std, "across_std": spread.across_std, "across_range": spread.across_range,
+            "pooled_std": spread.pooled_std, "reference_std": spread.score_std,
+            "across_std": spread.across_std, "across_range": spread.across_range,
             "ratio": spread.ratio,
             "separates": separates, "separation_ratio": SEPARATION_RATIO,
         },
@@ -261,6 +274,11 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _seeds(ref: Mapping[str, Any]) -> str:
+    seeds = ref.get("seeds") or [ref.get("seed", 0)]  # results written before reference.seeds had one "seed"
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(str(s) for s in seeds)}"
+
+
 def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
     """The markdown of :func:`write_fidelity_report`."""
     units = summary["units"]
@@ -273,7 +291,7 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
                  f"{units['finished']} of {units['total']} units finished"
                  + (f", {len(units['failed'])} failed" if units["failed"] else "") + ".")
     lines.append(f"Reference: full training, {ref['iters']} iterations, width {ref['width']}, batch "
-                 f"{ref['batch_size']}, {ref['image_size']} px, freeze_at {ref['freeze_at']}, seed {ref['seed']}; "
+                 f"{ref['batch_size']}, {ref['image_size']} px, freeze_at {ref['freeze_at']}, {_seeds(ref)}; "
                  "COCO AP (pycocotools) on the validation split.")
     if summary["seconds_by_stage"]:
         lines.append("Compute so far: " + ", ".join(f"{stage} {_minutes(s)}"
@@ -312,7 +330,7 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
             lines.append(f"*The reference does not separate decoders clearly (across-decoder std / seed std "
                          f"{_num(summary['seed_spread']['ratio'], '.1f')} < {SEPARATION_RATIO:g}): its ranking is "
                          "partly seed noise, which caps every tau; choose a preset from this table only with that "
-                         "caveat, or raise reference.iters (or train the reference with several seeds).*")
+                         "caveat, or raise reference.iters or train every decoder with several reference.seeds.*")
     lines.append("")
     if figure:
         lines += [f"![proxy score against reference AP]({figure})", ""]
@@ -324,7 +342,10 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
                         [[name, v["n"], _pct(v["mean"]), _pct(v["std"]), f"{_pct(v['min'])}-{_pct(v['max'])}"]
                          for name, v in spread["per_decoder"].items()])
         lines.append("")
-        lines.append(f"Pooled seed-to-seed std: {_pct(spread['pooled_std'])} AP points; across the "
+        runs = len(ref.get("seeds") or [0])
+        noise = "" if runs == 1 else (f", so a reference AP (the mean of {runs} seeds) carries "
+                                      f"{_pct(spread.get('reference_std'))}")
+        lines.append(f"Pooled seed-to-seed std: {_pct(spread['pooled_std'])} AP points{noise}; across the "
                      f"{sum(a is not None for a in summary['reference'].values())} decoders: std "
                      f"{_pct(spread['across_std'])}, range {_pct(spread['across_range'])}; ratio "
                      f"{_num(spread['ratio'], '.1f')} (the reference separates decoders by more than its own noise only "

@@ -155,8 +155,9 @@ class SeedSpread:
 
     ``per_model``: name -> (mean, sample std, min, max, seeds). ``pooled_std``: the square root of the mean of the
     per-model variances (the noise of one training run). ``across_std`` / ``across_range``: the sample std and
-    range over models of one score each. ``ratio = across_std / pooled_std`` (NaN when undefined): well above 1 means
-    the reference separates models by more than its own seed noise.
+    range over models of one score each. ``score_std``: the noise of one such score — ``pooled_std`` when a score
+    is one run, ``pooled_std / sqrt(k)`` when it is the mean of k runs. ``ratio = across_std / score_std`` (NaN
+    when undefined): well above 1 means the reference separates models by more than its own seed noise.
     """
 
     per_model: dict[str, tuple[float, float, float, float, int]]
@@ -164,10 +165,13 @@ class SeedSpread:
     across_std: float
     across_range: float
     ratio: float
+    score_std: float = math.nan
 
 
-def seed_spread(per_seed: Mapping[str, Sequence[float]], across: Sequence[float]) -> SeedSpread:
-    """:class:`SeedSpread` of ``per_seed`` (model -> scores over seeds) and ``across`` (one score per model)."""
+def seed_spread(per_seed: Mapping[str, Sequence[float]], across: Sequence[float], *,
+                runs_per_score: int = 1) -> SeedSpread:
+    """:class:`SeedSpread` of ``per_seed`` (model -> scores over seeds) and ``across`` (one score per model, each the
+    mean of ``runs_per_score`` runs)."""
     per_model: dict[str, tuple[float, float, float, float, int]] = {}
     variances: list[float] = []
     for name, scores in per_seed.items():
@@ -182,5 +186,9 @@ def seed_spread(per_seed: Mapping[str, Sequence[float]], across: Sequence[float]
     values = np.asarray(across, dtype=np.float64)
     across_std = float(values.std(ddof=1)) if values.size > 1 else math.nan
     across_range = float(values.max() - values.min()) if values.size else math.nan
-    ratio = across_std / pooled if pooled and math.isfinite(pooled) and math.isfinite(across_std) else math.nan
-    return SeedSpread(per_model, pooled, across_std, across_range, ratio)
+    if runs_per_score < 1:
+        raise ValueError(f"runs_per_score must be >= 1 (got {runs_per_score})")
+    score_std = pooled / math.sqrt(runs_per_score)
+    ratio = (across_std / score_std if score_std and math.isfinite(score_std) and math.isfinite(across_std)
+             else math.nan)
+    return SeedSpread(per_model, pooled, across_std, across_range, ratio, score_std)

@@ -257,6 +257,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[rank - 1])
 
 
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (``None`` for one value), min and max of the values that exist: a
+    result's spread over seeds."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else None,
+            "min": min(present), "max": max(present), "n": len(present)}
+
+
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """``median, p90, min, max, n`` of a list of timings (same unit in and out)."""
     return {

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -132,9 +131,7 @@ def spread_by_arch(runs: Mapping[str, Mapping[str, Any]], archs: list[str]) -> l
         row: dict[str, Any] = {"arch": arch, "seeds": [r["seed"] for r in mine]}
         for key in ("AP", "AP50"):
             values = [float(r[key]) for r in mine]
-            row[key] = {"mean": statistics.fmean(values),
-                        "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-                        "min": min(values), "max": max(values), "values": values}
+            row[key] = {**_common.spread(values), "values": values}
         steps = [r["seconds_per_step"] for r in mine if r.get("seconds_per_step")]
         row["seconds_per_step"] = statistics.median(steps) if steps else None
         row["iterations"] = mine[0]["iterations"]
@@ -144,7 +141,7 @@ def spread_by_arch(runs: Mapping[str, Mapping[str, Any]], archs: list[str]) -> l
 
 def _mean_std(stat: Mapping[str, Any]) -> str:
     std = stat["std"]
-    return f"{stat['mean']:.3f} ± {std:.3f}" if math.isfinite(std) else f"{stat['mean']:.3f} (one seed)"
+    return f"{stat['mean']:.3f} ± {std:.3f}" if std is not None else f"{stat['mean']:.3f} (one seed)"
 
 
 def markdown_of(record: Mapping[str, Any]) -> str:

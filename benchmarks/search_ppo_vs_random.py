@@ -128,13 +128,7 @@ def run_stats(run_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ across seeds
 
 
-def spread(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean, sample standard deviation (``None`` for one value), min and max of the values that exist."""
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else None,
-            "min": min(present), "max": max(present), "n": len(present)}
+spread = _common.spread  # mean ± std over seeds, shared with cpu_preset_ap.py
 
 
 def aggregate(runs: Mapping[str, Mapping[str, Any]], settings_key: str) -> dict[str, dict[str, Any]]:

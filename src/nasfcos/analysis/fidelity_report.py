@@ -31,8 +31,8 @@ from typing import Any
 
 from nasfcos.analysis.rank_stats import bootstrap_interval, kendall_tau, seed_spread, spearman_rho, top_k_overlap
 
-__all__ = ["FIGURE", "REPORT", "SEPARATION_RATIO", "SUMMARY", "cheapest_within_best", "is_fidelity_run", "plot_fidelity", "summarise",
-           "write_fidelity_report"]
+__all__ = ["FIGURE", "REPORT", "SEPARATION_RATIO", "SUMMARY", "cheapest_within_best", "is_fidelity_run",
+           "plot_fidelity", "summarise", "write_fidelity_report"]
 
 SUMMARY = "fidelity.json"
 REPORT = "report.md"
@@ -72,9 +72,10 @@ def _proxy_score(result: Mapping[str, Any], kind: str) -> float | None:
     return -float(sum(parts))  # type: ignore[arg-type]
 
 
-#: The reference separates decoders "clearly" when the std of one AP per decoder is at least this multiple of the
-#: pooled seed std. Each reference AP carries one run's noise, so across_std**2 = true spread**2 + noise**2: at 1
-#: the decoders do not differ at all, at 2 their true spread is about 1.7x the noise of one number.
+#: The reference separates decoders "clearly" when the std of the reference APs across decoders is at least this
+#: multiple of the noise of one reference AP (pooled seed std / sqrt(len(reference.seeds))). That noise is in
+#: every reference AP, so across_std**2 = true spread**2 + noise**2: at 1 the decoders do not differ at all, at 2
+#: their true spread is about 1.7x the noise of one number.
 SEPARATION_RATIO = 2.0
 
 

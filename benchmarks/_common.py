@@ -17,6 +17,7 @@ as ``python benchmarks/x.py``; :func:`ensure_src_on_path` adds ``src/`` so no in
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import platform
@@ -265,6 +266,24 @@ def spread(values: Sequence[float | None]) -> dict[str, Any]:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
     return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else None,
             "min": min(present), "max": max(present), "n": len(present)}
+
+
+def seconds_per_step(log_path: Path) -> float | None:
+    """Median seconds per step between consecutive logged training steps of a trainer's ``log.jsonl``
+    (``None`` when the log is missing or has fewer than two steps): the median, because a checkpoint or an
+    evaluation between two logged steps makes that one interval long."""
+    if not log_path.is_file():
+        return None
+    points = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "train/loss" in row and row.get("step") is not None and "time" in row:
+            points.append((int(row["step"]), float(row["time"])))
+    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if s1 > s0]
+    return float(statistics.median(rates)) if rates else None
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:

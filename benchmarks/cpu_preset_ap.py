@@ -61,22 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def seconds_per_step(log_path: Path) -> float | None:
-    """Median seconds per step between consecutive logged training steps of ``log.jsonl``."""
-    if not log_path.is_file():
-        return None
-    points = []
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "train/loss" in row and "step" in row and "time" in row:
-            points.append((int(row["step"]), float(row["time"])))
-    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if s1 > s0]
-    return float(statistics.median(rates)) if rates else None
-
-
 def train_one(arch: str, seed: int, args: argparse.Namespace, data_dir: Path, threads: int) -> dict[str, Any]:
     """Train (or reuse / resume) one architecture with the preset and one seed; its metrics and costs."""
     from nasfcos.config import TrainConfig, load_config
@@ -109,7 +93,7 @@ def train_one(arch: str, seed: int, args: argparse.Namespace, data_dir: Path, th
         "iterations": cfg.solver.max_iter,
         "batch_size": cfg.solver.batch_size,
         "image_size": cfg.data.max_size,
-        "seconds_per_step": seconds_per_step(run_dir / "log.jsonl"),
+        "seconds_per_step": _common.seconds_per_step(run_dir / "log.jsonl"),
         "wall_s_this_run": round(wall, 1),
         **{key: metrics.get(key) for key in METRIC_KEYS},
     }

@@ -126,22 +126,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return value, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def seconds_per_step(log_path: Path) -> float | None:
-    """Median seconds per step between consecutive logged training steps of a trainer's ``log.jsonl``."""
-    points = []
-    if not log_path.is_file():
-        return None
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "train/loss" in row and row.get("step") is not None and "time" in row:
-            points.append((int(row["step"]), float(row["time"])))
-    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if s1 > s0]
-    return float(statistics.median(rates)) if rates else None
-
-
 def _sample(decoders: list[Any], k: int) -> list[Any]:
     """``fpn-fcos`` and ``deformable-fpn-fcos`` when present (the cheap and the slow preset), then random ones."""
     chosen = [d for d in decoders if d.name in ("fpn-fcos", "deformable-fpn-fcos")][: max(1, k - 1)]
@@ -190,7 +174,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.backbone.weights is None:
         _, wall, cpu = _timed(scorers.backbone)
         folder = scorers.backbone().parent
-        step = seconds_per_step(folder / "log.jsonl") or wall / iters
+        step = _common.seconds_per_step(folder / "log.jsonl") or wall / iters
         overhead = max(0.0, wall - step * iters)
         full = overhead + step * cfg.backbone.iters
         stages["backbone"] = {"units": 1, "seconds_per_step": step, "wall_s": full,
@@ -228,7 +212,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     for decoder in sample:
         unit = Unit("reference", decoder, cfg.reference.seeds[0], f"estimate{decoder.key[:10]}")
         _, wall, cpu = _timed(lambda u=unit: scorers.reference(u, scorers.ctx))
-        step = seconds_per_step(unit.work_dir(scratch) / "log.jsonl") or wall / iters
+        step = _common.seconds_per_step(unit.work_dir(scratch) / "log.jsonl") or wall / iters
         overhead = max(0.0, wall - step * iters)
         full = overhead + step * cfg.reference.iters
         reference_rows.append({"decoder": decoder.name, "seconds_per_step": step, "overhead_s": overhead,

@@ -187,8 +187,8 @@ def test_cpu_preset_ap_quick_then_reused(tmp_path: Path) -> None:
     assert "| fpn-fcos | 2 |" in (tmp_path / "cpu_preset_ap.md").read_text(encoding="utf-8")
 
 
-def test_cpu_preset_seconds_per_step_from_log(tmp_path: Path) -> None:
-    module = _load("cpu_preset_ap")
+def test_seconds_per_step_from_log(tmp_path: Path) -> None:
+    module = _load("_common")  # cpu_preset_ap's s / step column and proxy_fidelity's cost estimate
     log = tmp_path / "log.jsonl"
     rows = [{"step": 10, "time": 100.0, "train/loss": 1.0}, {"step": 20, "time": 120.0, "train/loss": 1.0},
             {"step": 20, "time": 121.0, "val/AP": 0.1},  # an evaluation row: not a training interval

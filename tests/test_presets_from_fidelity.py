@@ -53,3 +53,16 @@ def test_the_cache_commands_in_the_presets_cache_the_chosen_number_of_images() -
     for name in ("proxy-cpu.yaml", "search-cpu.yaml"):
         text = (ROOT / "configs" / name).read_text(encoding="utf-8")
         assert flags in text and f"--crop {chosen.cache.crop}" in text, name
+
+
+def test_the_committed_study_is_the_shipped_config() -> None:
+    """The README's reproduce command (`nasfcos fidelity --config configs/fidelity-cpu.yaml`) must run the study
+    whose numbers are committed: same decoders, reference budget and seeds, proxy settings."""
+    shipped = load_fidelity_config(ROOT / "configs" / "fidelity-cpu.yaml")
+    ref = STUDY["reference_settings"]
+    assert (ref["iters"], ref["width"], ref["batch_size"], ref["freeze_at"], tuple(ref["seeds"])) == (
+        shipped.reference.iters, shipped.reference.width, shipped.reference.batch_size, shipped.reference.freeze_at,
+        shipped.reference.seeds)
+    assert [d["name"] for d in STUDY["decoders"]] == list(shipped.decoder_names())
+    assert {r["setting"] for r in STUDY["proxies"]} == {s.name for s in shipped.proxies}
+    assert STUDY["seed_spread"]["seeds"] == list(shipped.seed_spread.seeds)

@@ -86,8 +86,11 @@ def test_top_k_overlap_hand_cases() -> None:
     assert top_k_overlap(reference, proxy, 2) == 1  # {a, b} vs {b, c}
     assert top_k_overlap(reference, proxy, 3) == 2  # {a, b, c} vs {b, c, d}
     assert top_k_overlap(reference, reference, 3) == 3
-    # Ties are broken by name: the top 1 of {x: 1, y: 1} is x.
-    assert top_k_overlap({"x": 1, "y": 1}, {"x": 0, "y": 5}, 1) == 0
+    # A ranking tied across its k-th place has no k best: no overlap to report (not one that depends on names).
+    assert top_k_overlap({"x": 1, "y": 1}, {"x": 0, "y": 5}, 1) is None
+    assert top_k_overlap(reference, {"a": 0, "b": 0, "c": 0, "d": 0}, 2) is None  # a constant proxy
+    assert top_k_overlap(reference, {"a": 5, "b": 5, "c": 1, "d": 0}, 2) == 2  # ties inside the top k are fine
+    assert top_k_overlap(reference, {"a": 5, "b": 1, "c": 1, "d": 1}, 1) == 1  # and below it
     # Only models both scored count.
     assert top_k_overlap({"a": 3, "b": 2, "z": 9}, {"a": 3, "b": 2}, 1) == 1
 

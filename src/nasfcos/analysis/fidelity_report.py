@@ -313,7 +313,8 @@ def render_report(summary: Mapping[str, Any], figure: str | None) -> str:
          f"Spearman rho [{level} % CI]", "top-k overlap", "s / candidate"],
         [[r["setting"], r["reward"] + (" (search)" if r["search_reward"] else ""), r["width"], r["epochs"],
           r["batch_size"], r["crop"], r["images"] or "all", r["n"], _interval(r["tau"]), _interval(r["rho"]),
-          f"{r['top_k_overlap']}/{r['top_k']}", _num(r["seconds_per_candidate"], ".1f")] for r in rows])
+          "n/a (tied)" if r["top_k_overlap"] is None else f"{r['top_k_overlap']}/{r['top_k']}",
+          _num(r["seconds_per_candidate"], ".1f")] for r in rows])
     lines.append("")
     lines.append("tau and rho: rank agreement of the proxy score with the reference AP over the decoders both scored "
                  "(1 = same order); intervals: paired bootstrap over decoders. Seconds per candidate: median proxy "

@@ -136,17 +136,25 @@ def bootstrap_interval(
     return Interval(value, float(low), float(high), level, int(values.size), resamples)
 
 
-def top_k_overlap(reference: Mapping[str, float], proxy: Mapping[str, float], k: int) -> int:
+def top_k_overlap(reference: Mapping[str, float], proxy: Mapping[str, float], k: int) -> int | None:
     """How many of the ``k`` best models by ``reference`` are also among the ``k`` best by ``proxy`` (higher is
-    better in both). Only models scored by both count; ties are broken by name so the answer is deterministic."""
+    better in both). Only models scored by both count. ``None`` when either ranking ties across its k-th place
+    (e.g. a proxy that scores every model 0): its k best are then not defined, and breaking the tie by name would
+    report an overlap that only reflects the names."""
     if k < 1:
         raise ValueError(f"k: expected >= 1 (got {k})")
     names = sorted(set(reference) & set(proxy))
 
-    def best(scores: Mapping[str, float]) -> set[str]:
-        return set(sorted(names, key=lambda name: (-float(scores[name]), name))[:k])
+    def best(scores: Mapping[str, float]) -> set[str] | None:
+        ordered = sorted(names, key=lambda name: -float(scores[name]))
+        if len(ordered) > k and float(scores[ordered[k - 1]]) == float(scores[ordered[k]]):
+            return None
+        return set(ordered[:k])
 
-    return len(best(reference) & best(proxy))
+    top_reference, top_proxy = best(reference), best(proxy)
+    if top_reference is None or top_proxy is None:
+        return None
+    return len(top_reference & top_proxy)
 
 
 @dataclass(frozen=True)

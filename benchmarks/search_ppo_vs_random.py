@@ -128,11 +128,8 @@ def run_stats(run_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ across seeds
 
 
-spread = _common.spread  # mean ± std over seeds, shared with cpu_preset_ap.py
-
-
 def aggregate(runs: Mapping[str, Mapping[str, Any]], settings_key: str) -> dict[str, dict[str, Any]]:
-    """Per strategy, over the seeds measured with ``settings_key``: :func:`spread` of every statistic."""
+    """Per strategy, over the seeds measured with ``settings_key``: :func:`_common.spread` of every statistic."""
     out: dict[str, dict[str, Any]] = {}
     for strategy in FOLDERS:
         chosen = [r for r in runs.values() if r["settings_key"] == settings_key and r["strategy"] == strategy]
@@ -140,7 +137,7 @@ def aggregate(runs: Mapping[str, Mapping[str, Any]], settings_key: str) -> dict[
             continue
         keys = list(STATS) + ["dcn_share_q4"] + [f"{d}_{w}" for d in DIAGNOSTICS for w in ("first", "last")]
         out[strategy] = {"seeds": sorted(r["seed"] for r in chosen),
-                         **{key: spread([r["stats"].get(key) for r in chosen]) for key in keys}}
+                         **{key: _common.spread([r["stats"].get(key) for r in chosen]) for key in keys}}
     return out
 
 

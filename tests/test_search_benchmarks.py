@@ -24,9 +24,10 @@ pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 def test_quarter_means_and_spread_hand_computed() -> None:
     bench = _load("search_ppo_vs_random")
     assert bench.quarter_means([1.0, 2.0, None, 4.0, 5.0, 6.0, 7.0, None]) == [1.5, 4.0, 5.5, 7.0]
-    s = bench.spread([1.0, 3.0, None])
+    common = _load("_common")  # the spread over seeds the benchmarks share
+    s = common.spread([1.0, 3.0, None])
     assert s == {"mean": 2.0, "std": statistics.stdev([1.0, 3.0]), "min": 1.0, "max": 3.0, "n": 2}
-    assert bench.spread([None])["mean"] is None and bench.spread([2.0])["std"] is None
+    assert common.spread([None])["mean"] is None and common.spread([2.0])["std"] is None
 
 
 def test_ppo_settings_quick(tmp_path: Path) -> None:
@@ -84,10 +85,10 @@ def test_search_ppo_vs_random_toy_runs_resume_and_merge(tmp_path: Path) -> None:
 
 
 def test_verdict_words_follow_the_numbers() -> None:
-    bench = _load("search_ppo_vs_random")
-    ppo = {k: bench.spread(v) for k, v in {"q1": [1.0, 1.2], "q4": [2.0, 2.2], "top5_mean": [3.0, 3.1],
+    bench, spread = _load("search_ppo_vs_random"), _load("_common").spread
+    ppo = {k: spread(v) for k, v in {"q1": [1.0, 1.2], "q4": [2.0, 2.2], "top5_mean": [3.0, 3.1],
                                           "best": [4.0, 4.1]}.items()}
-    rnd = {k: bench.spread(v) for k, v in {"q1": [1.0, 1.1], "q4": [1.0, 2.1], "top5_mean": [3.5, 3.6],
+    rnd = {k: spread(v) for k, v in {"q1": [1.0, 1.1], "q4": [1.0, 2.1], "top5_mean": [3.5, 3.6],
                                           "best": [3.9, 4.3]}.items()}
     lines = bench.verdict({"ppo": ppo, "random": rnd})
     assert lines[0].startswith("PPO last-quarter mean reward above random") and "ranges overlap" in lines[0]

@@ -9,9 +9,9 @@ The rule, stated once here: the baseline's APs over ``n`` seeds give a mean and 
 ``s``. A single run of another decoder with the same noise differs from that mean by a quantity whose standard
 deviation is ``s * sqrt(1 + 1/n)`` (its own run's noise plus the mean's). The difference is *beyond the noise*
 when it exceeds ``k`` times that (``k = 2``: about a 95 % two-sided band for normal noise). This assumes the
-searched decoder's seed noise is like the baseline's — the fidelity study found it so (``fpn-fcos`` 0.75 and
-``nas-fcos`` 0.68 AP points over three seeds at 400 steps, ``benchmarks/results/proxy_fidelity.md``). With fewer than two baseline seeds there is no
-spread and the verdict says so instead of guessing.
+searched decoder's seed noise is like the baseline's — the fidelity study found it so (its seed spread per
+decoder: ``benchmarks/results/proxy_fidelity.md``). With fewer than two baseline seeds there is no spread and the
+verdict says so instead of guessing.
 """
 
 from __future__ import annotations
